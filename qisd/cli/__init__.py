@@ -1,0 +1,81 @@
+"""The ``qisd`` command line: one typer app, one module per group of commands.
+
+* ``config_cmd`` -- ``qisd config check`` / ``qisd config show``
+* ``run_cmd``    -- ``qisd run``, the daemon
+* ``client_cmd`` -- ``qisd status``, ``emit``, ``query``... talking to a running daemon
+
+Each module exposes ``register(app)``. The daemon returns data and the CLI renders it
+(a table, or the raw result with ``--json``), so commands stay thin.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from typing import Annotated
+
+import typer
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="qisd",
+    help=(
+        "qisd: a peer-to-peer daemon that routes signed outcome packets by semantic"
+        " fingerprint over a Kademlia DHT."
+    ),
+    no_args_is_help=True,
+    # Locals in a traceback could include key material; never print them.
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("qisd")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"qisd {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the version and exit.",
+            callback=_print_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
+    """qisd: a peer-to-peer daemon that routes signed outcome packets by semantic
+    fingerprint over a Kademlia DHT."""
+
+
+def _register() -> None:
+    from qisd.cli import config_cmd
+
+    config_cmd.register(app)
+    for name in ("run_cmd", "client_cmd"):
+        try:
+            module = importlib.import_module(f"qisd.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"qisd.cli.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console script entry point (``qisd = "qisd.cli:main"``)."""
+    app(prog_name="qisd")

@@ -1,0 +1,122 @@
+"""``qisd config check`` and ``qisd config show``: validate and print the configuration.
+
+Both build the config exactly as ``qisd run`` would (file < ``QISD_*`` environment),
+so what ``check`` accepts the daemon accepts and what ``show`` prints is what it runs
+with. ``check`` goes a step further than loading: it also looks at the things a load
+does not touch (the manifest file exists, the synthesizer is installed, the socket
+path fits), so a deploy can fail at ``check`` rather than at start.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from qisd.config import Config, ConfigError, load_config, to_dict, to_toml
+
+__all__ = ["config_app", "register"]
+
+config_app = typer.Typer(
+    name="config",
+    help="Validate and inspect the configuration (file < QISD_* environment).",
+    no_args_is_help=True,
+)
+
+_FILE_HELP = (
+    "Config file (TOML). Default: $QISD_CONFIG, else $CONFIGURATION_DIRECTORY/qisd.toml"
+    " under systemd, else none (embedded defaults)."
+)
+
+
+def _fail(problems: tuple[str, ...]) -> NoReturn:
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    raise typer.Exit(code=1)
+
+
+def _load(file: Path | None) -> Config:
+    try:
+        return load_config(file, env=os.environ)
+    except ConfigError as exc:
+        _fail(exc.problems)
+
+
+def _synthesizers() -> list[str]:
+    return sorted(ep.name for ep in importlib.metadata.entry_points(group="qisd.synthesizers"))
+
+
+def _runtime_problems(config: Config) -> list[str]:
+    """What loading does not verify but the daemon needs at start."""
+    problems: list[str] = []
+    try:
+        config.resolved_socket()
+    except ConfigError as exc:
+        problems += exc.problems
+    manifest = config.node.manifest
+    if manifest and not Path(manifest).is_file():
+        where = config.source_of("node.manifest")
+        problems.append(f"{where}: node.manifest: no such file {manifest!r}")
+    if config.synthesis.enabled:
+        name = config.synthesis.synthesizer
+        installed = _synthesizers()
+        if name not in installed:
+            where = config.source_of("synthesis.synthesizer")
+            known = ", ".join(installed) or "none"
+            problems.append(
+                f"{where}: synthesis.synthesizer: no {name!r} in entry point group"
+                f" qisd.synthesizers (installed: {known})"
+            )
+    return problems
+
+
+def _describe(config: Config) -> str:
+    what = str(config.source_file) if config.source_file else "embedded defaults"
+    env_vars = sorted({s.name for s in config.sources.values() if s.kind == "env"})
+    if env_vars:
+        what += f" (environment: {', '.join(env_vars)})"
+    return what
+
+
+@config_app.command("check")
+def check(
+    file: Annotated[Path | None, typer.Argument(help=_FILE_HELP, show_default=False)] = None,
+) -> None:
+    """Validate a config file and the QISD_* environment; exit 1 naming every problem."""
+    config = _load(file)
+    problems = _runtime_problems(config)
+    if problems:
+        _fail(tuple(problems))
+    typer.echo(f"ok: {_describe(config)}")
+
+
+@config_app.command("show")
+def show(
+    config_file: Annotated[
+        Path | None, typer.Option("--config", "-c", help=_FILE_HELP, show_default=False)
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of TOML.")] = False,
+) -> None:
+    """Print the effective configuration (defaults, file and environment applied)."""
+    config = _load(config_file)
+    if as_json:
+        typer.echo(json.dumps(to_dict(config), indent=2))
+        return
+    try:
+        state_dir, socket = config.resolved_state_dir(), config.resolved_socket()
+    except ConfigError as exc:
+        _fail(exc.problems)
+    typer.echo(f"# qisd effective configuration: {_describe(config)}")
+    typer.echo(f"# state directory: {state_dir}")
+    typer.echo(f"# control socket: {socket}")
+    typer.echo("")
+    typer.echo(to_toml(config, annotate=True), nl=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``qisd config ...`` to the top-level app."""
+    app.add_typer(config_app, name="config")

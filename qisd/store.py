@@ -1,0 +1,447 @@
+"""The packet store: verified packets in one SQLite file (stdlib, WAL) in the state dir.
+
+Many packets per 20-byte key (a node is responsible for several keys of the same
+packet, so packets and key entries are separate tables); dedup by packet id; expiry;
+supersede (a newer packet of the same origin and series replaces the older, so a
+cohort's synthesis is kept once); quotas per origin and per key, and caps on the
+whole store, each refusal with its reason.
+
+Every write is one transaction: a crash mid-batch leaves the batch either wholly in
+or wholly out, never a packet without its entries. ``synchronous=NORMAL`` in WAL mode
+survives a killed process (the WAL is in the OS cache); a power cut may lose the last
+transactions but never corrupts the file.
+
+The API is synchronous and guarded by one lock, so the daemon runs it in a worker
+thread (``trio.to_thread.run_sync``) and batches writes with :meth:`PacketStore.put_many`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qisd.packet import KIND_SYNTHESIS, OutcomePacket, PacketError, decode_packet
+from qisd.sketch import Sketch, cosine_rows
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS packets (
+    id BLOB PRIMARY KEY,
+    origin BLOB NOT NULL,
+    series BLOB NOT NULL,
+    topic TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    dim INTEGER NOT NULL,
+    bits INTEGER NOT NULL,
+    sketch BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    data BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entries (
+    key BLOB NOT NULL,
+    id BLOB NOT NULL REFERENCES packets(id) ON DELETE CASCADE,
+    PRIMARY KEY (key, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_by_id ON entries(id);
+CREATE INDEX IF NOT EXISTS packets_by_expiry ON packets(expires_ms);
+CREATE INDEX IF NOT EXISTS packets_by_origin ON packets(origin, series);
+CREATE INDEX IF NOT EXISTS packets_by_topic ON packets(topic, created_ms);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class StoreError(Exception):
+    """The store cannot be used (corrupt, read-only, disk full); the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """What happened to one (key, packet) of a batch.
+
+    status: ``stored`` (new), ``duplicate`` (already held under this key), ``added_key``
+    (packet held, now also under this key), ``superseded`` (a newer packet of the same
+    series is held; this one is dropped) or ``rejected`` (``reason`` says why: quota,
+    key_quota, full, expired).
+    """
+
+    status: str
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("stored", "duplicate", "added_key", "superseded")
+
+    @property
+    def new(self) -> bool:
+        return self.status in ("stored", "added_key")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    packets: int
+    bytes: int
+    keys: int
+
+
+class PacketStore:
+    """Packets by key in SQLite. Open with :meth:`open`; close with :meth:`close`."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path | None,
+        *,
+        max_packets: int,
+        max_bytes: int,
+        origin_quota: float,
+        key_quota: int,
+    ) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self.path = path
+        self.max_packets = max_packets
+        self.max_bytes = max_bytes
+        self.origin_limit = max(1, int(origin_quota * max_packets))
+        self.key_quota = key_quota
+        self._closed = False
+        # Running totals so a put costs O(log n), not a COUNT(*) over the table; they
+        # are dropped (and recounted on demand) after any bulk delete or rollback.
+        self._totals: tuple[int, int] | None = None
+        self._origin_counts: dict[bytes, int] = {}
+        self._key_counts: dict[bytes, int] = {}
+
+    @classmethod
+    def open(
+        cls,
+        path: Path | str,
+        *,
+        max_packets: int = 1_000_000,
+        max_bytes: int = 1 << 30,
+        origin_quota: float = 0.25,
+        key_quota: int = 10_000,
+    ) -> PacketStore:
+        """Open (creating if needed) the store at ``path``; ``":memory:"`` for tests."""
+        memory = str(path) == ":memory:"
+        if not memory:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(
+                str(path), isolation_level=None, check_same_thread=False, timeout=5.0
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise StoreError(
+                    f"{path}: store schema {row[0]}, this qisd reads {SCHEMA_VERSION}"
+                )
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: cannot open packet store ({exc})") from None
+        return cls(
+            conn,
+            None if memory else Path(path),
+            max_packets=max_packets,
+            max_bytes=max_bytes,
+            origin_quota=origin_quota,
+            key_quota=key_quota,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.DatabaseError:
+                pass  # closing must succeed even on a read-only or full disk
+            self._conn.close()
+
+    # -- writes -------------------------------------------------------------------
+
+    def put(self, key: bytes, packet: OutcomePacket, *, now_ms: int) -> PutResult:
+        return self.put_many([(key, packet)], now_ms=now_ms)[0]
+
+    def put_many(
+        self, items: Sequence[tuple[bytes, OutcomePacket]], *, now_ms: int
+    ) -> list[PutResult]:
+        """Store a batch in one transaction. The packets must already be verified."""
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    results = [self._put_one(key, p, now_ms) for key, p in items]
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    self._forget_counts()
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._forget_counts()
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StoreError(f"packet store write failed: {exc}") from None
+            return results
+
+    def _forget_counts(self) -> None:
+        self._totals = None
+        self._origin_counts.clear()
+        self._key_counts.clear()
+
+    def _total(self) -> tuple[int, int]:
+        if self._totals is None:
+            row = self._conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packets"
+            ).fetchone()
+            self._totals = (int(row[0]), int(row[1]))
+        return self._totals
+
+    def _origin_count(self, origin: bytes) -> int:
+        n = self._origin_counts.get(origin)
+        if n is None:
+            row = self._conn.execute(
+                "SELECT COUNT(*) FROM packets WHERE origin=?", (origin,)
+            ).fetchone()
+            n = self._origin_counts[origin] = int(row[0])
+        return n
+
+    def _put_one(self, key: bytes, p: OutcomePacket, now_ms: int) -> PutResult:
+        conn = self._conn
+        if len(key) != 20:
+            raise ValueError("key must be 20 bytes")
+        if p.expires_ms <= now_ms:
+            return PutResult("rejected", "expired")
+        pid = p.id
+        if conn.execute("SELECT 1 FROM packets WHERE id=?", (pid,)).fetchone():
+            held_here = conn.execute(
+                "SELECT 1 FROM entries WHERE key=? AND id=?", (key, pid)
+            ).fetchone()
+            if held_here:
+                return PutResult("duplicate")
+            if not self._key_has_room(key):
+                return PutResult("rejected", "key_quota")
+            self._add_entry(key, pid)
+            return PutResult("added_key")
+        if p.series:
+            newest = conn.execute(
+                "SELECT MAX(created_ms) FROM packets WHERE origin=? AND series=?",
+                (p.origin, p.series),
+            ).fetchone()[0]
+            if newest is not None and newest >= p.created_ms:
+                return PutResult("superseded")
+            # This packet replaces every older one of its series, under every key.
+            cur = conn.execute(
+                "DELETE FROM packets WHERE origin=? AND series=?", (p.origin, p.series)
+            )
+            if cur.rowcount:
+                self._forget_counts()
+        if not self._key_has_room(key):
+            return PutResult("rejected", "key_quota")
+        count, size = self._total()
+        if count >= self.max_packets or size + len(p.encoded) > self.max_bytes:
+            return PutResult("rejected", "full")
+        held = self._origin_count(p.origin)
+        if held >= self.origin_limit:
+            return PutResult("rejected", "quota")
+        conn.execute(
+            "INSERT INTO packets VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                pid, p.origin, p.series, p.topic, 1 if p.kind == KIND_SYNTHESIS else 0,
+                p.generation, p.created_ms, p.expires_ms, p.sketch.dim, p.sketch.bits,
+                p.sketch.data, len(p.encoded), p.encoded,
+            ),
+        )
+        self._add_entry(key, pid)
+        self._totals = (count + 1, size + len(p.encoded))
+        self._origin_counts[p.origin] = held + 1
+        return PutResult("stored")
+
+    def _key_has_room(self, key: bytes) -> bool:
+        n = self._key_counts.get(key)
+        if n is None:
+            row = self._conn.execute("SELECT COUNT(*) FROM entries WHERE key=?", (key,)).fetchone()
+            n = self._key_counts[key] = int(row[0])
+        return n < self.key_quota
+
+    def _add_entry(self, key: bytes, pid: bytes) -> None:
+        self._conn.execute("INSERT INTO entries VALUES (?, ?)", (key, pid))
+        self._key_counts[key] = self._key_counts.get(key, 0) + 1
+
+    def expire(self, now_ms: int) -> int:
+        """Delete expired packets (and their entries); returns how many."""
+        with self._lock:
+            try:
+                cur = self._conn.execute("DELETE FROM packets WHERE expires_ms <= ?", (now_ms,))
+            except sqlite3.OperationalError as exc:
+                raise StoreError(f"packet store expiry failed: {exc}") from None
+            if cur.rowcount:
+                self._forget_counts()
+            return cur.rowcount
+
+    def remove_key(self, key: bytes) -> int:
+        """Forget ``key``'s entries (and packets held under no other key)."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM entries WHERE key=?", (key,))
+            cur = conn.execute(
+                "DELETE FROM packets"
+                " WHERE NOT EXISTS (SELECT 1 FROM entries e WHERE e.id = packets.id)"
+            )
+            conn.execute("COMMIT")
+            self._forget_counts()
+            return cur.rowcount
+
+    # -- reads ------------------------------------------------------------------
+
+    def top(
+        self, key: bytes, query: Sketch, m: int, *, now_ms: int, offset: int = 0
+    ) -> list[tuple[float, OutcomePacket]]:
+        """The ``m`` packets under ``key`` most similar to ``query`` (cosine), best first.
+
+        The whole bucket is ranked here so only the best ``m`` cross the network
+        (DESIGN: coarse buckets cost server CPU, not bandwidth); ``offset`` pages on.
+        """
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT p.id, p.dim, p.bits, p.sketch"
+                " FROM entries e JOIN packets p ON p.id = e.id"
+                " WHERE e.key = ? AND p.expires_ms > ?",
+                (key, now_ms),
+            ).fetchall()
+        if not rows or m <= 0:
+            return []
+        sims = cosine_rows(query, [(r[1], r[2], r[3]) for r in rows])
+        want = min(len(rows), offset + m)
+        # Partial selection, then an exact order (ties by id) for the selected few.
+        cut = np.argpartition(-sims, want - 1)[:want] if want < len(rows) else range(len(rows))
+        order = sorted(cut, key=lambda i: (-sims[i], rows[i][0]))
+        chosen = order[offset : offset + m]
+        packets = self._load([rows[i][0] for i in chosen])
+        return [(float(sims[i]), packets[rows[i][0]]) for i in chosen if rows[i][0] in packets]
+
+    def page(
+        self, key: bytes, *, after: bytes | None = None, limit: int = 100, now_ms: int
+    ) -> list[OutcomePacket]:
+        """All packets under ``key`` in id order, ``limit`` at a time after id ``after``."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT p.data FROM entries e JOIN packets p ON p.id = e.id"
+                " WHERE e.key = ? AND e.id > ? AND p.expires_ms > ? ORDER BY e.id LIMIT ?",
+                (key, after or b"", now_ms, limit),
+            ).fetchall()
+        return [_trusted(r[0]) for r in rows]
+
+    def key_items(self, key: bytes, now_ms: int) -> list[OutcomePacket]:
+        out: list[OutcomePacket] = []
+        after: bytes | None = None
+        while batch := self.page(key, after=after, limit=500, now_ms=now_ms):
+            out.extend(batch)
+            after = batch[-1].id
+        return out
+
+    def get(self, packet_id: bytes) -> OutcomePacket | None:
+        return self._load([packet_id]).get(packet_id)
+
+    def has(self, packet_id: bytes) -> bool:
+        with self._lock:
+            row = self._conn.execute("SELECT 1 FROM packets WHERE id=?", (packet_id,)).fetchone()
+        return row is not None
+
+    def keys(self, now_ms: int) -> list[bytes]:
+        """Every key that holds at least one live packet."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT DISTINCT e.key FROM entries e JOIN packets p ON p.id = e.id"
+                " WHERE p.expires_ms > ?",
+                (now_ms,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def keys_of(self, packet_id: bytes) -> list[bytes]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT key FROM entries WHERE id=?", (packet_id,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def iter_packets(
+        self,
+        *,
+        now_ms: int,
+        origin: bytes | None = None,
+        topic: str | None = None,
+        batch: int = 500,
+    ) -> Iterator[OutcomePacket]:
+        """Every live packet (optionally of one origin or topic), in id order, in batches."""
+        after = b""
+        where = "id > ? AND expires_ms > ?"
+        extra: tuple[object, ...] = ()
+        if origin is not None:
+            where += " AND origin = ?"
+            extra += (origin,)
+        if topic is not None:
+            where += " AND topic = ?"
+            extra += (topic,)
+        while True:
+            with self._lock:
+                rows = self._conn.execute(
+                    f"SELECT id, data FROM packets WHERE {where} ORDER BY id LIMIT ?",
+                    (after, now_ms, *extra, batch),
+                ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _trusted(row[1])
+            after = rows[-1][0]
+
+    def recent(self, *, topic: str | None, limit: int, now_ms: int) -> list[OutcomePacket]:
+        """The newest ``limit`` live packets (of ``topic`` if given), newest first."""
+        sql = "SELECT data FROM packets WHERE expires_ms > ?"
+        args: tuple[object, ...] = (now_ms,)
+        if topic is not None:
+            sql += " AND topic = ?"
+            args += (topic,)
+        sql += " ORDER BY created_ms DESC, id LIMIT ?"
+        with self._lock:
+            rows = self._conn.execute(sql, (*args, limit)).fetchall()
+        return [_trusted(r[0]) for r in rows]
+
+    def statistics(self) -> StoreStats:
+        with self._lock:
+            count, size = self._total()
+            keys = self._conn.execute("SELECT COUNT(DISTINCT key) FROM entries").fetchone()[0]
+        return StoreStats(packets=int(count), bytes=int(size), keys=int(keys))
+
+    def _load(self, ids: Sequence[bytes]) -> dict[bytes, OutcomePacket]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT id, data FROM packets WHERE id IN ({marks})",
+                tuple(ids),
+            ).fetchall()
+        return {r[0]: _trusted(r[1]) for r in rows}
+
+
+def _trusted(data: bytes) -> OutcomePacket:
+    # Everything in the store was verified before it was written.
+    try:
+        return decode_packet(data, verify=False)
+    except PacketError as exc:
+        raise StoreError(f"packet store holds an undecodable packet ({exc})") from None

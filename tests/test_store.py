@@ -1,0 +1,227 @@
+"""The packet store: real SQLite files, dedup, expiry, supersede, quotas, ranking."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import nacl.signing
+import numpy as np
+import pytest
+
+from qisd.packet import KIND_SYNTHESIS, OutcomePacket, create_packet
+from qisd.sketch import make_sketch
+from qisd.store import PacketStore, StoreError
+
+SWARM = bytes(32)
+NOW = 1_700_000_000_000
+KEY_A = b"A" * 20
+KEY_B = b"B" * 20
+
+
+def packet(
+    seed: int,
+    *,
+    key: nacl.signing.SigningKey | None = None,
+    vector: np.ndarray | None = None,
+    ttl_s: int = 3600,
+    created_ms: int = NOW,
+    **kw: object,
+) -> OutcomePacket:
+    rng = np.random.default_rng(seed)
+    return create_packet(
+        key or nacl.signing.SigningKey(rng.bytes(32)),
+        swarm=SWARM,
+        topic="t",
+        sketch=make_sketch(rng.standard_normal(32) if vector is None else vector),
+        outcome={"y": seed},
+        ttl_s=ttl_s,
+        created_ms=created_ms,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> PacketStore:
+    s = PacketStore.open(tmp_path / "packets.db")
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def test_many_packets_per_key_and_dedup(store: PacketStore) -> None:
+    ps = [packet(i) for i in range(5)]
+    results = store.put_many([(KEY_A, p) for p in ps], now_ms=NOW)
+    assert [r.status for r in results] == ["stored"] * 5
+    assert store.put(KEY_A, ps[0], now_ms=NOW).status == "duplicate"
+    assert store.put(KEY_B, ps[0], now_ms=NOW).status == "added_key"
+    assert {p.id for p in store.key_items(KEY_A, now_ms=NOW)} == {p.id for p in ps}
+    assert store.statistics().packets == 5
+    assert store.statistics().keys == 2
+    assert sorted(store.keys_of(ps[0].id)) == [KEY_A, KEY_B]
+
+
+def test_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    s = PacketStore.open(path)
+    ps = [packet(i) for i in range(20)]
+    s.put_many([(KEY_A, p) for p in ps], now_ms=NOW)
+    s.close()
+    s2 = PacketStore.open(path)
+    got = s2.key_items(KEY_A, now_ms=NOW)
+    assert sorted(p.encoded for p in got) == sorted(p.encoded for p in ps)
+    s2.close()
+
+
+def test_expiry(store: PacketStore) -> None:
+    short, long = packet(1, ttl_s=10), packet(2, ttl_s=1000)
+    store.put_many([(KEY_A, short), (KEY_A, long)], now_ms=NOW)
+    assert len(store.key_items(KEY_A, now_ms=NOW + 20_000)) == 1  # hidden at once
+    assert store.expire(NOW + 20_000) == 1
+    assert store.get(short.id) is None and store.get(long.id) == long
+    assert store.put(KEY_A, short, now_ms=NOW + 20_000).reason == "expired"
+
+
+def test_newer_synthesis_of_a_series_supersedes_older(store: PacketStore) -> None:
+    k = nacl.signing.SigningKey(b"\x09" * 32)
+    series = b"\x01" * 16
+    old = packet(1, key=k, kind=KIND_SYNTHESIS, series=series, created_ms=NOW)
+    new = packet(2, key=k, kind=KIND_SYNTHESIS, series=series, created_ms=NOW + 1)
+    other = packet(3, key=k, kind=KIND_SYNTHESIS, series=b"\x02" * 16, created_ms=NOW)
+    store.put_many([(KEY_A, old), (KEY_B, old), (KEY_A, other)], now_ms=NOW)
+    assert store.put(KEY_A, new, now_ms=NOW).status == "stored"
+    assert store.get(old.id) is None
+    assert store.keys_of(old.id) == []
+    assert store.get(other.id) == other
+    # The older one arriving late is not taken back.
+    assert store.put(KEY_B, old, now_ms=NOW).status == "superseded"
+    assert store.statistics().packets == 2
+
+
+def test_origin_quota(tmp_path: Path) -> None:
+    s = PacketStore.open(tmp_path / "q.db", max_packets=100, origin_quota=0.1)
+    k = nacl.signing.SigningKey(b"\x01" * 32)
+    results = s.put_many([(KEY_A, packet(i, key=k)) for i in range(15)], now_ms=NOW)
+    assert [r.status for r in results].count("stored") == 10
+    assert {r.reason for r in results if not r.ok} == {"quota"}
+    # Another origin still gets in.
+    assert s.put(KEY_A, packet(99), now_ms=NOW).status == "stored"
+    s.close()
+
+
+def test_key_quota_and_full(tmp_path: Path) -> None:
+    s = PacketStore.open(tmp_path / "k.db", key_quota=3, max_packets=5, origin_quota=1.0)
+    r = s.put_many([(KEY_A, packet(i)) for i in range(4)], now_ms=NOW)
+    assert [x.reason for x in r] == [None, None, None, "key_quota"]
+    r = s.put_many([(KEY_B, packet(10 + i)) for i in range(3)], now_ms=NOW)
+    assert [x.reason for x in r] == [None, None, "full"]
+    s.close()
+
+
+def test_top_ranks_by_cosine_and_pages(store: PacketStore) -> None:
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(32)
+    ps = []
+    for i in range(50):
+        v = base + rng.standard_normal(32) * (0.05 * i)
+        ps.append((v, packet(i, vector=v)))
+    store.put_many([(KEY_A, p) for _, p in ps], now_ms=NOW)
+    query = make_sketch(base)
+    top = store.top(KEY_A, query, 10, now_ms=NOW)
+    unit = base / np.linalg.norm(base)
+    exact = sorted(ps, key=lambda vp: -float(np.dot(vp[0], unit) / np.linalg.norm(vp[0])))
+    assert [p.id for _, p in top][:5] == [p.id for _, p in exact[:5]]
+    sims = [s for s, _ in top]
+    assert sims == sorted(sims, reverse=True) and sims[0] > 0.99
+    nxt = store.top(KEY_A, query, 10, now_ms=NOW, offset=10)
+    assert not {p.id for _, p in top} & {p.id for _, p in nxt}
+    assert store.top(KEY_B, query, 10, now_ms=NOW) == []
+
+
+def test_page_walks_a_key(store: PacketStore) -> None:
+    ps = [packet(i) for i in range(25)]
+    store.put_many([(KEY_A, p) for p in ps], now_ms=NOW)
+    seen = []
+    after = None
+    while batch := store.page(KEY_A, after=after, limit=7, now_ms=NOW):
+        seen.extend(batch)
+        after = batch[-1].id
+    assert sorted(p.id for p in seen) == sorted(p.id for p in ps)
+    assert len(seen) == 25
+
+
+def test_failed_batch_leaves_nothing(store: PacketStore) -> None:
+    good = packet(1)
+    with pytest.raises(ValueError, match="20 bytes"):
+        store.put_many([(KEY_A, good), (b"short", packet(2))], now_ms=NOW)
+    assert store.get(good.id) is None
+    assert store.statistics().packets == 0
+    assert store.put(KEY_A, good, now_ms=NOW).status == "stored"
+
+
+def test_read_only_store_gives_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "ro.db"
+    PacketStore.open(path).close()
+    ro = PacketStore(
+        sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                        check_same_thread=False),
+        path, max_packets=10, max_bytes=1 << 20, origin_quota=1.0, key_quota=10,
+    )
+    with pytest.raises(StoreError, match="write failed"):
+        ro.put(KEY_A, packet(1), now_ms=NOW)
+    assert ro.statistics().packets == 0  # reads still work
+    ro.close()
+
+
+def test_corrupt_file_gives_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match=r"bad\.db"):
+        PacketStore.open(path)
+
+
+KILL_SCRIPT = """
+import sys, os, nacl.signing, numpy as np
+from qisd.packet import create_packet
+from qisd.sketch import make_sketch
+from qisd.store import PacketStore
+s = PacketStore.open(sys.argv[1])
+rng = np.random.default_rng(0)
+i = 0
+while True:
+    batch = []
+    for _ in range(50):
+        p = create_packet(nacl.signing.SigningKey(rng.bytes(32)), swarm=bytes(32), topic="t",
+            sketch=make_sketch(rng.standard_normal(16)), outcome={"i": i}, ttl_s=3600,
+            created_ms=1_700_000_000_000)
+        batch.append((b"K" * 20, p))
+        i += 1
+    s.put_many(batch, now_ms=1_700_000_000_000)
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_mid_batch_leaves_whole_batches(tmp_path: Path) -> None:
+    path = tmp_path / "kill.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    acknowledged = 0
+    for line in proc.stdout:
+        acknowledged = int(line)
+        if acknowledged >= 1000:
+            break
+    os.kill(proc.pid, 9)
+    proc.wait()
+    proc.stdout.close()
+    s = PacketStore.open(path)
+    count = s.statistics().packets
+    # Every acknowledged batch is there, and only whole batches of 50.
+    assert count >= acknowledged and count % 50 == 0
+    items = s.key_items(b"K" * 20, now_ms=NOW)
+    assert len(items) == count
+    assert sorted(int(p.outcome["i"]) for p in items) == list(range(count))
+    s.close()
