@@ -22,6 +22,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from qisd.control.client import AsyncClient, Client, ControlError, DaemonNotRunning
 from qisd.fingerprint import LSH, keys_for, probe_keys
 from qisd.identity import Identity
 from qisd.manifest import DEFAULT_MANIFEST, Manifest
@@ -31,6 +32,10 @@ from qisd.sketch import Sketch, make_sketch
 __all__ = [
     "DEFAULT_MANIFEST",
     "LSH",
+    "AsyncClient",
+    "Client",
+    "ControlError",
+    "DaemonNotRunning",
     "Identity",
     "Manifest",
     "OutcomePacket",

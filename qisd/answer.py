@@ -1,0 +1,198 @@
+"""A query's answer, computed locally from the packets it found (pure).
+
+Each matched packet counts with weight ``max(similarity, 0) * cases``: an observation
+its ``n`` cases at its one outcome; a synthesis every case it summarises, read back
+from its outcome map (:mod:`qisd.synthesis.encoding`). Per outcome field the answer
+gives class probabilities (categories) or the weighted mean and sd (numbers, the sd
+pooling the spread within syntheses), with the cases behind it; ``support`` says how
+much evidence there is in all.
+
+No case is counted twice:
+
+* Of several versions of one synthesis series (same origin and series), only the
+  newest is used.
+* Syntheses whose parents are listed explicitly (``len(parents)`` equals their
+  ``_packets``) claim those parents. Taking the largest first, a synthesis that
+  shares a parent with one already taken is left out (``support.overlapping``).
+* An observation claimed by a synthesis that was taken is left out
+  (``support.covered``): its case is inside the synthesis, weighed there by the
+  synthesis's similarity. Syntheses with digested parents cannot be checked and are
+  used as they are.
+
+``support.origins`` is a lower bound (the distinct origins of the raw packets used,
+or the most any one synthesis reports, whichever is larger): syntheses say how many
+origins they saw, not which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qisd.packet import KIND_SYNTHESIS, OutcomePacket
+from qisd.synthesis.encoding import Decoded, EncodingError, decode_outcome
+from qisd.synthesis.stats import NUMERIC, FieldStat, OutcomeAggregate
+
+
+def match_summary(similarity: float, packet: OutcomePacket) -> dict[str, Any]:
+    """One match as the query API returns it (ids and keys as hex)."""
+    return {
+        "id": packet.id.hex(),
+        "similarity": float(similarity),
+        "outcome": dict(packet.outcome),
+        "n": packet.n,
+        "origin": packet.origin.hex(),
+        "kind": packet.kind,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Synthesis:
+    similarity: float
+    packet: OutcomePacket
+    decoded: Decoded
+
+    @property
+    def explicit(self) -> bool:
+        return len(self.packet.parents) == self.decoded.packets
+
+
+def answer_query(matches: Sequence[tuple[float, OutcomePacket]], *, k: int) -> dict[str, Any]:
+    """The answer over the best ``k`` of ``matches`` (see the module docstring)."""
+    if k < 0:
+        raise ValueError(f"k: must be >= 0, got {k}")
+    best: dict[bytes, tuple[float, OutcomePacket]] = {}
+    for sim, packet in matches:
+        held = best.get(packet.id)
+        if held is None or sim > held[0]:
+            best[packet.id] = (float(sim), packet)
+    top = sorted(best.values(), key=lambda m: (-m[0], m[1].id))[:k]
+    observations: list[tuple[float, OutcomePacket]] = []
+    latest: dict[tuple[bytes, bytes], _Synthesis] = {}
+    undecodable = 0
+    for sim, packet in top:
+        if packet.kind != KIND_SYNTHESIS:
+            observations.append((sim, packet))
+            continue
+        try:
+            decoded = decode_outcome(packet.outcome, packet.n)
+        except EncodingError:
+            undecodable += 1
+            continue
+        syn = _Synthesis(sim, packet, decoded)
+        # An empty series names nothing: key such packets by their own id.
+        key = (packet.origin, packet.series or packet.id)
+        held_syn = latest.get(key)
+        if held_syn is None or _newer(syn, held_syn):
+            latest[key] = syn
+    superseded = sum(1 for sim, p in top if p.kind == KIND_SYNTHESIS) - undecodable - len(latest)
+
+    claimed: set[bytes] = set()
+    syntheses: list[_Synthesis] = []
+    overlapping = 0
+    for syn in sorted(latest.values(),
+                      key=lambda s: (-s.packet.n, -s.packet.created_ms, s.packet.id)):
+        if syn.explicit:
+            parents = set(syn.packet.parents)
+            if parents & claimed:
+                overlapping += 1
+                continue
+            claimed |= parents
+        syntheses.append(syn)
+
+    estimate = OutcomeAggregate()
+    cases_of: dict[str, float] = {}
+    cases = packets = 0
+    raw_origins: set[bytes] = set()
+    synth_origins = 0
+    covered = 0
+    used_observations = used_syntheses = 0
+    for sim, packet in observations:
+        if packet.id in claimed:
+            covered += 1
+            continue
+        weight = max(sim, 0.0) * packet.n
+        if weight <= 0:
+            continue
+        estimate.add_outcome(packet.outcome, weight)
+        for name in packet.outcome:
+            cases_of[name] = cases_of.get(name, 0.0) + packet.n
+        cases += packet.n
+        packets += 1
+        used_observations += 1
+        raw_origins.add(packet.origin)
+    for syn in syntheses:
+        factor = max(syn.similarity, 0.0)
+        if factor <= 0:
+            continue
+        agg = syn.decoded.aggregate
+        estimate.merge(agg.scaled(factor))
+        for name, stat in agg.fields.items():
+            cases_of[name] = cases_of.get(name, 0.0) + stat.cases
+        cases += syn.packet.n
+        packets += syn.decoded.packets
+        used_syntheses += 1
+        synth_origins = max(synth_origins, syn.decoded.origins)
+
+    fields = {
+        name: _field_answer(stat, cases_of.get(name, 0.0))
+        for name, stat in estimate.items()
+        if stat.cases > 0
+    }
+    return {
+        "fields": fields,
+        "support": {
+            "cases": cases,
+            "packets": packets,
+            "origins": max(len(raw_origins), synth_origins),
+            "observations": used_observations,
+            "syntheses": used_syntheses,
+            "covered": covered,
+            "overlapping": overlapping,
+            "superseded": superseded,
+            "undecodable": undecodable,
+        },
+    }
+
+
+def _newer(a: _Synthesis, b: _Synthesis) -> bool:
+    return (a.packet.created_ms, a.packet.n, a.packet.id) > (b.packet.created_ms, b.packet.n,
+                                                             b.packet.id)
+
+
+def _field_answer(stat: FieldStat, cases: float) -> dict[str, Any]:
+    if stat.kind == NUMERIC:
+        num = stat.numbers
+        return {
+            "type": "numeric",
+            "mean": num.mean,
+            "sd": num.sd,
+            "cases": round(cases),
+            "weight": num.weight,
+        }
+    view = stat.categories()
+    total = view.total
+    probabilities: dict[str, float] = {}
+    for value, weight in view.ranked():
+        label = ("true" if value else "false") if isinstance(value, bool) else value
+        probabilities[label] = probabilities.get(label, 0.0) + weight / total
+    has_bool = any(isinstance(v, bool) for v in stat.labels.counts)
+    has_str = any(isinstance(v, str) for v in stat.labels.counts)
+    has_numbers = stat.numbers.weight > 0
+    if has_bool and not has_str and not has_numbers:
+        value_type = "bool"
+    elif has_str and not has_bool and not has_numbers:
+        value_type = "str"
+    else:
+        value_type = "mixed"
+    out: dict[str, Any] = {
+        "type": "categorical",
+        "value_type": value_type,
+        "probabilities": probabilities,
+        "cases": round(cases),
+        "weight": total,
+    }
+    if view.other > 0:
+        out["other"] = view.other / total
+    return out

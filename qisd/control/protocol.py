@@ -1,0 +1,398 @@
+"""The control protocol, version 1: framing, messages, method signatures (pure).
+
+Newline-delimited JSON over a Unix stream socket. Each request is one line::
+
+    {"v": 1, "id": 7, "method": "query", "params": {"topic": "t", "vector": [0.1, 0.2], "k": 5}}
+
+``id`` is an integer or a string chosen by the client and echoed in the reply;
+``params`` may be left out when a method takes none. Each reply is one line::
+
+    {"v": 1, "id": 7, "ok": true, "result": {...}}
+    {"v": 1, "id": 7, "ok": false, "error": {"code": "bad_request", "message": "..."}}
+
+Replies come in request order, so a client may pipeline several requests on one
+connection. Blank lines are ignored. Error codes:
+
+===================== ==========================================================
+``bad_request``       not JSON, not an object, a missing/unknown/ill-typed field or
+                      param (the message names it)
+``unknown_method``    no such method
+``unsupported_version`` ``v`` is not 1
+``too_large``         the request line is longer than the server's limit (1 MiB by
+                      default); the rest of that line is skipped
+``invalid``           the daemon refused the content (a bad vector, outcome, topic)
+``unavailable``       the daemon cannot do it now (read-only store, too many
+                      connections)
+``forbidden``         the peer's uid/gid may not use this socket; the server closes
+``internal``          a bug in the daemon; the connection stays usable
+===================== ==========================================================
+
+A reply to a line whose ``id`` could not be read carries ``"id": null``.
+
+Methods and params (types are JSON types; ``?`` marks optional, with its default):
+
+* ``status`` / ``peers`` / ``identity`` -- no params
+* ``emit`` -- ``topic`` string, ``vector`` array of numbers, ``outcome`` object,
+  ``n?`` integer (1), ``ttl?`` integer or null (the swarm's default) -> ``{"id": hex, ...}``
+* ``emit_many`` -- ``items``: array of emit params -> ``{"results": [{"id": hex} |
+  {"error": {...}}, ...]}``, one per item, in order
+* ``query`` -- ``topic``, ``vector``, ``k?`` (10) -> ``{"matches": [...], "answer": {...}}``
+* ``packets`` -- ``topic?`` string or null, ``limit?`` (100) -> ``{"packets": [...]}``
+* ``bootstrap`` -- ``addresses``: array of ``"host:port"`` -> ``{"contacted", "peers"}``
+* ``watch`` -- ``topic``, ``vector?`` (null): streaming. The reply is an ack
+  ``{"v": 1, "id": 3, "ok": true, "result": {"watching": "<topic>"}}`` followed by one
+  line per packet, ``{"v": 1, "id": 3, "event": {...packet summary...}}``, until the
+  client closes the connection. A watching connection takes no further requests; if
+  the stream fails, a final error reply with the watch's id ends it.
+
+Try it by hand (the socket is ``/run/qisd/qisd.sock`` under systemd; ``qisd status``
+names the one in use in its error when no daemon runs there)::
+
+    SOCK=/run/qisd/qisd.sock
+    echo '{"v":1,"id":1,"method":"status"}' | socat - UNIX-CONNECT:$SOCK
+    python3 -c 'import socket as S,sys; s=S.socket(S.AF_UNIX); s.connect(sys.argv[1])
+    s.sendall(sys.argv[2].encode()+b"\\n"); print(s.makefile().readline())' \\
+        "$SOCK" '{"v":1,"id":1,"method":"status"}'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from qisd.control.errors import ControlError
+
+__all__ = [
+    "BAD_REQUEST",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "ERROR_CODES",
+    "FORBIDDEN",
+    "INTERNAL",
+    "INVALID",
+    "METHODS",
+    "PROTOCOL_VERSION",
+    "STREAMING_METHODS",
+    "TOO_LARGE",
+    "UNAVAILABLE",
+    "UNKNOWN_METHOD",
+    "UNSUPPORTED_VERSION",
+    "Param",
+    "Rejection",
+    "Reply",
+    "Request",
+    "check_params",
+    "decode_reply",
+    "encode_error",
+    "encode_event",
+    "encode_request",
+    "encode_result",
+    "loads",
+    "parse_request",
+]
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+
+BAD_REQUEST = "bad_request"
+UNKNOWN_METHOD = "unknown_method"
+UNSUPPORTED_VERSION = "unsupported_version"
+TOO_LARGE = "too_large"
+INVALID = "invalid"
+UNAVAILABLE = "unavailable"
+FORBIDDEN = "forbidden"
+INTERNAL = "internal"
+ERROR_CODES = frozenset(
+    {BAD_REQUEST, UNKNOWN_METHOD, UNSUPPORTED_VERSION, TOO_LARGE, INVALID, UNAVAILABLE,
+     FORBIDDEN, INTERNAL}
+)
+#: Client-side only: the daemon's reply did not follow this protocol.
+BAD_REPLY = "bad_reply"
+
+RequestId = int | str
+
+
+@dataclass(frozen=True)
+class Param:
+    """One param of a method: its name, JSON type (a key of ``_CHECKS``) and, when
+    optional, its default."""
+
+    name: str
+    type: str
+    required: bool = True
+    default: Any = None
+
+
+_TOPIC = Param("topic", "string")
+_VECTOR = Param("vector", "vector")
+_EMIT = (
+    _TOPIC, _VECTOR, Param("outcome", "object"),
+    Param("n", "integer", False, 1), Param("ttl", "integer|null", False, None),
+)
+
+#: Every method and its params, in the order the daemon's methods declare them
+#: (a test checks this against :class:`qisd.control.api.ControlAPI`).
+METHODS: Mapping[str, tuple[Param, ...]] = {
+    "status": (),
+    "peers": (),
+    "identity": (),
+    "emit": _EMIT,
+    "emit_many": (Param("items", "object_list"),),
+    "query": (_TOPIC, _VECTOR, Param("k", "integer", False, 10)),
+    "watch": (_TOPIC, Param("vector", "vector|null", False, None)),
+    "packets": (Param("topic", "string|null", False, None),
+                Param("limit", "integer", False, 100)),
+    "bootstrap": (Param("addresses", "string_list"),),
+}
+STREAMING_METHODS = frozenset({"watch"})
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_value(kind: str, value: Any) -> tuple[bool, Any]:
+    """(accepted, normalised value) of ``value`` for a param of type ``kind``."""
+    if kind.endswith("|null"):
+        if value is None:
+            return True, None
+        kind = kind.removesuffix("|null")
+    if kind == "string":
+        return isinstance(value, str), value
+    if kind == "integer":
+        return type(value) is int, value
+    if kind == "object":
+        return isinstance(value, dict), value
+    if kind == "vector":
+        if not (isinstance(value, list) and all(_is_number(x) for x in value)):
+            return False, value
+        # The daemon gets finite floats whatever the client wrote (1 and 1.0 alike).
+        try:
+            floats = [float(x) for x in value]
+        except OverflowError:  # an integer beyond float range
+            return False, value
+        return all(math.isfinite(x) for x in floats), floats
+    if kind == "string_list":
+        return isinstance(value, list) and all(isinstance(x, str) for x in value), value
+    if kind == "object_list":
+        return isinstance(value, list) and all(isinstance(x, dict) for x in value), value
+    raise AssertionError(f"unknown param type {kind!r}")
+
+
+_EXPECTED = {
+    "string": "a string",
+    "integer": "an integer",
+    "object": "an object",
+    "vector": "an array of finite numbers",
+    "string_list": "an array of strings",
+    "object_list": "an array of objects",
+}
+
+
+def _expected(kind: str) -> str:
+    base = kind.removesuffix("|null")
+    return _EXPECTED[base] + (" or null" if kind.endswith("|null") else "")
+
+
+def check_params(
+    method: str, params: Mapping[str, Any], *, label: str = "param"
+) -> dict[str, Any]:
+    """``params`` checked against ``METHODS[method]``, defaults filled in and vectors
+    as floats; raises ControlError(bad_request) naming the first wrong ``label``."""
+    spec = METHODS[method]
+    names = {p.name for p in spec}
+    for name in params:
+        if name not in names:
+            allowed = ", ".join(sorted(names)) or "none"
+            raise ControlError(
+                BAD_REQUEST, f"unknown {label} {name!r} for {method} (allowed: {allowed})"
+            )
+    out: dict[str, Any] = {}
+    for p in spec:
+        if p.name not in params:
+            if p.required:
+                raise ControlError(BAD_REQUEST, f"missing {label} {p.name!r} for {method}")
+            out[p.name] = p.default
+            continue
+        ok, value = _check_value(p.type, params[p.name])
+        if not ok:
+            raise ControlError(
+                BAD_REQUEST,
+                f"{label} {p.name!r} must be {_expected(p.type)},"
+                f" got {_json_type(params[p.name])}",
+            )
+        out[p.name] = value
+    return out
+
+
+# -- requests -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    id: RequestId
+    method: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A request line refused before dispatch; ``id`` is None when unreadable.
+    ``method`` is the method name once known, ``"unknown"`` for a name that is not
+    a method, ``"-"`` before that (a bounded label for statistics)."""
+
+    id: RequestId | None
+    error: ControlError
+    method: str = "-"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def loads(line: bytes | str) -> Any:
+    """Strict JSON: raises ValueError for anything else, including ``NaN``,
+    ``Infinity`` and numbers beyond float range, which would reach the daemon as
+    non-finite floats."""
+    return json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+_REQUEST_FIELDS = frozenset({"v", "id", "method", "params"})
+
+
+def parse_request(line: bytes) -> Request | Rejection:
+    """Decide what one request line asks for, or why it is refused."""
+    try:
+        msg = loads(line)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and bad UTF-8 alike
+        return Rejection(None, ControlError(BAD_REQUEST, f"request is not valid JSON: {exc}"))
+    if not isinstance(msg, dict):
+        return Rejection(
+            None, ControlError(BAD_REQUEST, f"request must be an object, got {_json_type(msg)}")
+        )
+    rid = msg.get("id")
+    if not isinstance(rid, int | str) or isinstance(rid, bool):
+        what = "missing field 'id'" if "id" not in msg else (
+            f"field 'id' must be an integer or a string, got {_json_type(rid)}")
+        return Rejection(None, ControlError(BAD_REQUEST, what))
+
+    def reject(code: str, message: str) -> Rejection:
+        return Rejection(rid, ControlError(code, message))
+
+    unknown = sorted(set(msg) - _REQUEST_FIELDS)
+    if unknown:
+        return reject(BAD_REQUEST, f"unknown field {unknown[0]!r} in request")
+    if "v" not in msg:
+        return reject(BAD_REQUEST, "missing field 'v' (the protocol version, 1)")
+    if type(msg["v"]) is not int or msg["v"] != PROTOCOL_VERSION:
+        return reject(
+            UNSUPPORTED_VERSION,
+            f"protocol version {msg['v']!r} is not supported (this daemon speaks 1)",
+        )
+    method = msg.get("method")
+    if not isinstance(method, str):
+        what = "missing field 'method'" if "method" not in msg else (
+            f"field 'method' must be a string, got {_json_type(method)}")
+        return reject(BAD_REQUEST, what)
+    params = msg.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return reject(BAD_REQUEST, f"field 'params' must be an object, got {_json_type(params)}")
+    if method not in METHODS:
+        return Rejection(rid, ControlError(
+            UNKNOWN_METHOD,
+            f"unknown method {method!r} (known: {', '.join(sorted(METHODS))})",
+        ), "unknown")
+    try:
+        checked = check_params(method, params)
+    except ControlError as exc:
+        return Rejection(rid, exc, method)
+    return Request(rid, method, checked)
+
+
+# -- encoding -----------------------------------------------------------------------
+
+
+def _dumps(msg: Mapping[str, Any]) -> bytes:
+    """One line of compact JSON; raises ValueError/TypeError for what JSON cannot
+    carry (NaN, bytes, sets...)."""
+    text = json.dumps(msg, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    return text.encode() + b"\n"
+
+
+def encode_request(rid: RequestId, method: str, params: Mapping[str, Any]) -> bytes:
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": rid, "method": method}
+    if params:
+        msg["params"] = dict(params)
+    return _dumps(msg)
+
+
+def encode_result(rid: RequestId | None, result: Mapping[str, Any]) -> bytes:
+    return _dumps({"v": PROTOCOL_VERSION, "id": rid, "ok": True, "result": result})
+
+
+def encode_error(rid: RequestId | None, code: str, message: str) -> bytes:
+    return _dumps(
+        {"v": PROTOCOL_VERSION, "id": rid, "ok": False,
+         "error": {"code": code, "message": message}}
+    )
+
+
+def encode_event(rid: RequestId, event: Mapping[str, Any]) -> bytes:
+    return _dumps({"v": PROTOCOL_VERSION, "id": rid, "event": event})
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One line from the daemon: exactly one of ``result``, ``error``, ``event``."""
+
+    id: RequestId | None
+    result: dict[str, Any] | None = None
+    error: ControlError | None = None
+    event: dict[str, Any] | None = None
+
+
+def decode_reply(line: bytes) -> Reply:
+    """Parse a reply line; raises ControlError(bad_reply) if it breaks the protocol."""
+    try:
+        msg = loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise ControlError(BAD_REPLY, f"daemon sent a line that is not JSON: {exc}") from None
+    if not isinstance(msg, dict) or msg.get("v") != PROTOCOL_VERSION:
+        raise ControlError(BAD_REPLY, f"daemon sent an unexpected line: {line[:200]!r}")
+    rid = msg.get("id")
+    if "event" in msg and isinstance(msg["event"], dict):
+        return Reply(rid, event=msg["event"])
+    if msg.get("ok") is True and isinstance(msg.get("result"), dict):
+        return Reply(rid, result=msg["result"])
+    err = msg.get("error")
+    if msg.get("ok") is False and isinstance(err, dict):
+        code, message = err.get("code"), err.get("message")
+        return Reply(rid, error=ControlError(str(code), str(message)))
+    raise ControlError(BAD_REPLY, f"daemon sent an unexpected line: {line[:200]!r}")

@@ -1,0 +1,368 @@
+"""The control socket server (trio): one task per connection, replies in order.
+
+Framing, parsing and param checks live in :mod:`qisd.control.protocol`; this module
+only moves lines between the socket and the :class:`~qisd.control.api.ControlAPI`.
+What keeps one client from hurting the others:
+
+* every connection is its own task, reading at most ``max_request_bytes`` of a
+  pending line (a longer line gets ``too_large`` and is skipped, not buffered);
+* every write has a deadline (``write_timeout``): a client that stops reading its
+  replies or its watch events is disconnected instead of stalling the daemon;
+* at most ``max_connections`` at once; the next one gets ``unavailable`` and is closed;
+* the peer's uid/gid (``SO_PEERCRED``) must be root, ours, or in our group.
+
+The socket path is claimed by :mod:`qisd.control.bind` (a live socket is refused, a
+dead one replaced).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from qisd.control import peer
+from qisd.control.api import ControlAPI, JSONDict, WatchStream
+from qisd.control.bind import MAX_SOCKET_PATH_BYTES, bind_unix_socket, remove_if_ours
+from qisd.control.errors import ControlError, ControlSocketError, ControlSocketInUse
+from qisd.control.framing import LineSplitter, Overflow
+from qisd.control.protocol import (
+    BAD_REQUEST,
+    DEFAULT_MAX_REQUEST_BYTES,
+    FORBIDDEN,
+    INTERNAL,
+    STREAMING_METHODS,
+    TOO_LARGE,
+    UNAVAILABLE,
+    Rejection,
+    Request,
+    check_params,
+    encode_error,
+    encode_event,
+    encode_result,
+    parse_request,
+)
+from qisd.control.stats import ControlStats
+from qisd.logs import get_logger
+
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_WRITE_TIMEOUT",
+    "MAX_SOCKET_PATH_BYTES",
+    "ControlSocketError",
+    "ControlSocketInUse",
+    "serve_control",
+]
+
+log = get_logger(__name__)
+
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_WRITE_TIMEOUT = 10.0
+_READ_CHUNK = 64 * 1024
+# Resource exhaustion on accept: wait a little and retry rather than die.
+_ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+async def serve_control(
+    path: Path,
+    api: ControlAPI,
+    *,
+    mode: int = 0o660,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+    stats: ControlStats | None = None,
+    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``api`` on a Unix socket at ``path`` until cancelled.
+
+    Calls ``task_status.started(path)`` once the socket is listening with ``mode``;
+    removes the socket file on exit (if it is still ours). Raises
+    :class:`ControlSocketInUse` if a live daemon owns ``path`` and
+    :class:`ControlSocketError` if the path cannot be used.
+    """
+    path = Path(path)
+    sock = await bind_unix_socket(path, mode)
+    st = os.stat(path)
+    server = _Server(
+        api, stats if stats is not None else ControlStats(),
+        max_request_bytes=max_request_bytes, max_connections=max_connections,
+        write_timeout=write_timeout,
+    )
+    try:
+        async with trio.SocketListener(sock) as listener, trio.open_nursery() as nursery:
+            task_status.started(path)
+            await server.accept_forever(listener, nursery)
+    finally:
+        remove_if_ours(path, st)
+
+
+@asynccontextmanager
+async def _entered(stream: WatchStream) -> AsyncIterator[AsyncIterator[JSONDict]]:
+    """Use either shape of watch stream; always close what was opened."""
+    if isinstance(stream, AbstractAsyncContextManager):
+        async with stream as events:
+            yield events
+        return
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class _Connection:
+    """One client: the stream plus a lock so watch events and error replies written
+    by two tasks never interleave within a line."""
+
+    def __init__(self, stream: trio.SocketStream, write_timeout: float) -> None:
+        self.stream = stream
+        self._lock = trio.Lock()
+        self._write_timeout = write_timeout
+
+    async def send(self, data: bytes) -> bool:
+        """Write one line; False if the peer is gone or did not read in time (the
+        caller then closes the connection)."""
+        with trio.move_on_after(self._write_timeout):
+            try:
+                async with self._lock:
+                    await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+            return True
+        return False
+
+    async def receive(self) -> bytes:
+        """Some bytes, or b"" at end of stream (or if the peer reset it)."""
+        try:
+            return await self.stream.receive_some(_READ_CHUNK)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+
+class _Server:
+    def __init__(
+        self,
+        api: ControlAPI,
+        stats: ControlStats,
+        *,
+        max_request_bytes: int,
+        max_connections: int,
+        write_timeout: float,
+    ) -> None:
+        self.api = api
+        self.stats = stats
+        self.max_request_bytes = max_request_bytes
+        self.max_connections = max_connections
+        self.write_timeout = write_timeout
+        self.uid = os.geteuid()
+        self.gid = os.getegid()
+
+    async def accept_forever(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+                    raise
+                log.warning("control socket cannot accept", error=str(exc))
+                await trio.sleep(0.1)
+                continue
+            if self.stats.connections_open >= self.max_connections:
+                self.stats.connections_refused += 1
+                nursery.start_soon(self._refuse, stream)
+                continue
+            self.stats.connections_open += 1
+            self.stats.connections_total += 1
+            nursery.start_soon(self._handle, stream)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        conn = _Connection(stream, min(self.write_timeout, 1.0))
+        async with stream:
+            await conn.send(encode_error(
+                None, UNAVAILABLE,
+                f"too many control connections (at most {self.max_connections}); retry later",
+            ))
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn = _Connection(stream, self.write_timeout)
+        try:
+            async with stream:
+                if await self._authorize(conn):
+                    await self._serve(conn)
+        finally:
+            self.stats.connections_open -= 1
+
+    async def _authorize(self, conn: _Connection) -> bool:
+        try:
+            cred = peer.read_peer_credentials(conn.stream.socket)  # type: ignore[arg-type]
+        except OSError as exc:
+            log.warning("control peer credentials unreadable", error=str(exc))
+            return await self._forbid(conn, "the peer's credentials cannot be read")
+        groups: list[int] = []
+        if peer.needs_group_lookup(cred, daemon_uid=self.uid, daemon_gid=self.gid):
+            groups = await trio.to_thread.run_sync(peer.groups_of_uid, cred.uid)
+        if peer.peer_allowed(cred, daemon_uid=self.uid, daemon_gid=self.gid,
+                             peer_groups=groups):
+            return True
+        return await self._forbid(conn, f"uid {cred.uid} (gid {cred.gid}) may not use it")
+
+    async def _forbid(self, conn: _Connection, why: str) -> bool:
+        self.stats.connections_forbidden += 1
+        allowed = await trio.to_thread.run_sync(peer.describe_policy, self.uid, self.gid)
+        await conn.send(encode_error(
+            None, FORBIDDEN, f"this control socket is for {allowed}; {why}"
+        ))
+        return False
+
+    async def _serve(self, conn: _Connection) -> None:
+        splitter = LineSplitter(self.max_request_bytes)
+        while True:
+            item = splitter.next()
+            if item is None:
+                data = await conn.receive()
+                if not data:
+                    return
+                splitter.feed(data)
+                continue
+            if item is Overflow.TOO_LONG:
+                reply = self._too_large()
+            elif not item.strip():
+                continue  # blank lines (e.g. a human pressing enter) carry no request
+            else:
+                decision = parse_request(item)
+                if isinstance(decision, Rejection):
+                    reply = self._rejected(decision)
+                elif decision.method in STREAMING_METHODS:
+                    await self._watch(conn, decision, splitter)
+                    return
+                else:
+                    reply = await self._dispatch(decision)
+            if not await conn.send(reply):
+                return
+
+    def _too_large(self) -> bytes:
+        self.stats.record("-", TOO_LARGE)
+        return encode_error(
+            None, TOO_LARGE,
+            f"request line is longer than {self.max_request_bytes} bytes; it was skipped",
+        )
+
+    def _rejected(self, rejection: Rejection) -> bytes:
+        self.stats.record(rejection.method, rejection.error.code)
+        return encode_error(rejection.id, rejection.error.code, rejection.error.message)
+
+    async def _dispatch(self, req: Request) -> bytes:
+        try:
+            if req.method == "emit_many":
+                result = await self._emit_many(req.params["items"])
+            else:
+                result = await getattr(self.api, req.method)(**req.params)
+            if not isinstance(result, dict):
+                raise TypeError(f"returned {type(result).__name__}, not a dict")
+            reply = encode_result(req.id, result)
+        except ControlError as exc:
+            self.stats.record(req.method, exc.code)
+            return encode_error(req.id, exc.code, exc.message)
+        except Exception as exc:
+            log.exception("control request failed", method=req.method)
+            self.stats.record(req.method, INTERNAL)
+            return encode_error(
+                req.id, INTERNAL, f"{req.method} failed: {type(exc).__name__}: {exc}"
+            )
+        self.stats.record(req.method, "ok")
+        return reply
+
+    async def _emit_many(self, items: list[dict[str, Any]]) -> JSONDict:
+        """Check each item like emit's params; the daemon sees only the good ones and
+        the results are merged back in item order."""
+        results: list[Any] = []
+        good: list[dict[str, Any]] = []
+        slots: list[int] = []
+        for i, item in enumerate(items):
+            try:
+                good.append(check_params("emit", item, label="field"))
+            except ControlError as exc:
+                results.append(
+                    {"error": {"code": exc.code, "message": f"items[{i}]: {exc.message}"}}
+                )
+                continue
+            slots.append(i)
+            results.append(None)
+        reply: JSONDict = {}
+        if good:
+            reply = await self.api.emit_many(items=good)
+            got = reply.get("results") if isinstance(reply, dict) else None
+            if not isinstance(got, list) or len(got) != len(good):
+                count = len(got) if isinstance(got, list) else "no"
+                raise TypeError(f"emit_many returned {count} results for {len(good)} items")
+            for slot, result in zip(slots, got, strict=True):
+                results[slot] = result
+        return {**reply, "results": results}
+
+    # -- watch: the connection becomes a stream of events ----------------------------
+
+    async def _watch(self, conn: _Connection, req: Request, splitter: LineSplitter) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_input, conn, splitter, nursery.cancel_scope)
+            nursery.start_soon(self._watch_output, conn, req, nursery.cancel_scope)
+
+    async def _watch_output(self, conn: _Connection, req: Request, done: trio.CancelScope) -> None:
+        """Ack, then one line per event, until the stream ends, fails, or the client
+        stops reading. The watch stream lives entirely in this task, so its own
+        cancel scopes (an async generator's nursery) nest properly."""
+        acked = False
+        failure: ControlError | None = None
+        try:
+            async with _entered(self.api.watch(**req.params)) as events:
+                acked = await conn.send(encode_result(req.id, {"watching": req.params["topic"]}))
+                if acked:
+                    self.stats.record(req.method, "ok")
+                    async for event in events:
+                        if not await conn.send(encode_event(req.id, event)):
+                            break
+        except ControlError as exc:
+            failure = exc
+        except Exception as exc:
+            log.exception("control watch failed", topic=req.params["topic"])
+            failure = ControlError(INTERNAL, f"watch failed: {type(exc).__name__}: {exc}")
+        if failure is not None:
+            if not acked:
+                self.stats.record(req.method, failure.code)
+            await conn.send(encode_error(req.id, failure.code, failure.message))
+        done.cancel()
+
+    async def _watch_input(
+        self, conn: _Connection, splitter: LineSplitter, done: trio.CancelScope
+    ) -> None:
+        """Read until the client closes (that ends the watch); answer any further
+        request with an error instead of dropping it."""
+        while True:
+            item = splitter.next()
+            if item is None:
+                data = await conn.receive()
+                if not data:
+                    break
+                splitter.feed(data)
+                continue
+            if item is Overflow.TOO_LONG:
+                reply = self._too_large()
+            elif not item.strip():
+                continue
+            else:
+                decision = parse_request(item)
+                rid = decision.id
+                self.stats.record(decision.method, BAD_REQUEST)
+                reply = encode_error(
+                    rid, BAD_REQUEST,
+                    "this connection is watching; send other requests on another connection",
+                )
+            if not await conn.send(reply):
+                break
+        done.cancel()

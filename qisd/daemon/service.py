@@ -1,0 +1,337 @@
+"""The daemon's answers to the control API: the node as an application sees it.
+
+Each method validates its input (bad vectors, outcomes or topics become ``invalid``
+errors that name the problem), does its work through the DHT node and the store, and
+returns plain JSON-ready maps: the daemon returns data, the CLI renders it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import trio
+
+from qisd import __version__
+from qisd.answer import answer_query, match_summary
+from qisd.config import Config, parse_hostport
+from qisd.control.errors import ControlError
+from qisd.daemon.watch import WatchHub
+from qisd.dht import DHTNode
+from qisd.fingerprint import LSH, keys_for, probe_keys
+from qisd.identity import Identity
+from qisd.manifest import Manifest, ManifestError
+from qisd.packet import OutcomePacket, PacketError, create_packet
+from qisd.sketch import FingerprintError, Sketch, normalize, quantize
+from qisd.store import PacketStore, StoreError
+from qisd.synthesis.worker import WorkerState
+
+#: Items per bulk emit request; the CLI sends batches of this size.
+MAX_EMIT_BATCH = 1000
+MAX_K = 200
+#: Largest table-0 code width a topic-wide watch subscribes to whole (2**bits keys).
+MAX_WATCH_BITS = 8
+#: Seconds between listen attempts while a watched key has no node to register at.
+WATCH_RETRY_S = 3.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class NodeService:
+    config: Config
+    ident: Identity
+    manifest: Manifest
+    store: PacketStore
+    node: DHTNode
+    watches: WatchHub
+    metrics_url: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    emitted: int = 0
+    queries: int = 0
+    #: Deliveries the synthesis worker missed because its channel was full.
+    synthesis_behind: int = 0
+    #: Wall-clock time of the last successful bootstrap (for metrics), or None.
+    last_bootstrap: float | None = None
+    #: Synthesis packets this node published, and the worker's state (set by synth).
+    synthesised: int = 0
+    worker_state: WorkerState | None = None
+    #: Control server request counters (set by the daemon once the server starts).
+    control_stats: Any = None
+    _inflight: int = 0
+    _idle: trio.Event = field(default_factory=trio.Event)
+
+    def synthesis_statistics(self) -> dict[str, int]:
+        stats = {"drafts_published": self.synthesised, "backlog": 0}
+        if self.worker_state is not None:
+            stats.update(self.worker_state.statistics().to_dict())
+            stats["drafts_published"] = self.synthesised
+        return stats
+
+    def control_statistics(self) -> dict[tuple[str, str], int]:
+        if self.control_stats is None:
+            return {}
+        return dict(self.control_stats.statistics().requests)
+
+    async def wait_idle(self) -> None:
+        """Return once no write started through this service is still running."""
+        while self._inflight:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+    # -- status -----------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        stats = await trio.to_thread.run_sync(self.store.statistics)
+        host, port = self.node.address
+        return {
+            "node_id": self.ident.node_id.hex(),
+            "public_key": self.ident.public_key.hex(),
+            "listen": _hostport(host, port),
+            "peers": len(self.node.table),
+            "packets": stats.packets,
+            "bytes": stats.bytes,
+            "keys": stats.keys,
+            "metrics": self.metrics_url,
+            "version": __version__,
+            "swarm": self.manifest.swarm_id.hex(),
+            "swarm_name": self.manifest.name,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "emitted": self.emitted,
+            "queries": self.queries,
+            "synthesised": self.synthesised,
+        }
+
+    async def peers(self) -> dict[str, Any]:
+        return {
+            "peers": [
+                {"node_id": c.id.hex(), "address": _hostport(str(c.ip), int(c.port))}
+                for c in self.node.table.contacts()
+            ]
+        }
+
+    async def identity(self) -> dict[str, Any]:
+        return {
+            "node_id": self.ident.node_id.hex(),
+            "public_key": self.ident.public_key.hex(),
+        }
+
+    async def bootstrap(self, addresses: list[str]) -> dict[str, Any]:
+        try:
+            addrs = [parse_hostport(a) for a in addresses]
+        except ValueError as exc:
+            raise ControlError("invalid", f"addresses: {exc}") from None
+        found = await self.node.bootstrap(addrs)
+        if found:
+            self.last_bootstrap = time.time()
+        return {"contacted": len(found), "peers": len(self.node.table)}
+
+    # -- emit ----------------------------------------------------------------------
+
+    def _packet(
+        self, topic: Any, vector: Any, outcome: Any, n: Any, ttl: Any
+    ) -> tuple[OutcomePacket, list[bytes]]:
+        if not isinstance(topic, str):
+            raise ControlError("invalid", "topic: must be a string")
+        if not isinstance(outcome, Mapping):
+            raise ControlError("invalid", "outcome: must be a map of name -> value")
+        if type(n) is not int:
+            raise ControlError("invalid", "n: must be an integer")
+        ttl_s = self.manifest.ttl_default_s if ttl is None else ttl
+        if type(ttl_s) is not int or not 1 <= ttl_s <= self.manifest.ttl_max_s:
+            raise ControlError(
+                "invalid", f"ttl: must be an integer in 1..{self.manifest.ttl_max_s} seconds"
+            )
+        try:
+            sketch = quantize(normalize(vector))
+            packet = create_packet(
+                self.ident.signing_key,
+                swarm=self.manifest.swarm_id,
+                topic=topic,
+                sketch=sketch,
+                outcome=dict(outcome),
+                n=n,
+                ttl_s=ttl_s,
+                max_bytes=self.manifest.packet_max_bytes,
+            )
+            # Keys come from the sketch, not the raw vector, so any node holding the
+            # packet can recompute (and check) exactly the keys it belongs under.
+            keys = keys_for(self.manifest, topic, sketch.to_array())
+        except (FingerprintError, PacketError, ManifestError) as exc:
+            raise ControlError("invalid", str(exc)) from None
+        return packet, keys
+
+    async def emit(
+        self,
+        topic: str,
+        vector: list[float],
+        outcome: dict[str, Any],
+        n: int = 1,
+        ttl: int | None = None,
+    ) -> dict[str, Any]:
+        packet, keys = self._packet(topic, vector, outcome, n, ttl)
+        report = await self._put(packet)
+        return {"id": packet.id.hex(), "keys": len(keys), "stored": report}
+
+    async def emit_many(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if len(items) > MAX_EMIT_BATCH:
+            raise ControlError("invalid", f"items: at most {MAX_EMIT_BATCH} per request")
+        results: list[dict[str, Any]] = [{} for _ in items]
+        ready: list[tuple[int, OutcomePacket]] = []
+        for i, item in enumerate(items):
+            try:
+                if not isinstance(item, Mapping):
+                    raise ControlError("invalid", "item: must be an object")
+                unknown = set(item) - {"topic", "vector", "outcome", "n", "ttl"}
+                if unknown:
+                    raise ControlError("invalid", f"{sorted(unknown)[0]}: unknown field")
+                for name in ("topic", "vector", "outcome"):
+                    if name not in item:
+                        raise ControlError("invalid", f"{name}: missing")
+                packet, _ = self._packet(
+                    item["topic"], item["vector"], item["outcome"], item.get("n", 1),
+                    item.get("ttl"),
+                )
+            except ControlError as exc:
+                results[i] = {"error": {"code": exc.code, "message": exc.message}}
+                continue
+            ready.append((i, packet))
+
+        async def put(i: int, packet: OutcomePacket, limiter: trio.CapacityLimiter) -> None:
+            async with limiter:
+                try:
+                    stored = await self._put(packet)
+                except ControlError as exc:
+                    results[i] = {"error": {"code": exc.code, "message": exc.message}}
+                    return
+                results[i] = {"id": packet.id.hex(), "stored": stored}
+
+        limiter = trio.CapacityLimiter(32)
+        async with trio.open_nursery() as nursery:
+            for i, packet in ready:
+                nursery.start_soon(put, i, packet, limiter)
+        return {"results": results}
+
+    async def _put(self, packet: OutcomePacket) -> int:
+        self._inflight += 1
+        try:
+            report = await self.node.put_packet(packet)
+        except StoreError as exc:
+            raise ControlError("unavailable", str(exc)) from None
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+        self.emitted += 1
+        self.watches.publish(packet)
+        return report.copies
+
+    # -- query -----------------------------------------------------------------
+
+    async def query(self, topic: str, vector: list[float], k: int = 10) -> dict[str, Any]:
+        if type(k) is not int or not 1 <= k <= MAX_K:
+            raise ControlError("invalid", f"k: must be an integer in 1..{MAX_K}")
+        try:
+            unit = normalize(vector)
+            sketch = quantize(unit)
+            keys = probe_keys(self.manifest, topic, unit)
+        except (FingerprintError, ManifestError) as exc:
+            raise ControlError("invalid", str(exc)) from None
+        found = await self.node.find_packets(keys, sketch, k)
+        self.queries += 1
+        matches = [(s, p) for s, p in found if p.topic == topic][: max(k, 1) * 2]
+        top = matches[:k]
+        return {
+            "matches": [match_summary(s, p) for s, p in top],
+            "answer": answer_query(matches, k=k),
+        }
+
+    # -- packets and watch ---------------------------------------------------------
+
+    async def packets(self, topic: str | None = None, limit: int = 100) -> dict[str, Any]:
+        if type(limit) is not int or not 1 <= limit <= 10_000:
+            raise ControlError("invalid", "limit: must be an integer in 1..10000")
+        found = await trio.to_thread.run_sync(
+            lambda: self.store.recent(topic=topic, limit=limit, now_ms=now_ms())
+        )
+        return {"packets": [p.to_summary() for p in found]}
+
+    @asynccontextmanager
+    async def watch(
+        self, topic: str, vector: list[float] | None = None
+    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """Subscribe on entry (before the server acknowledges), so nothing emitted
+        after the ack is missed; the body iterates the events."""
+        try:
+            keys = self._watch_keys(topic, vector)
+            query = quantize(normalize(vector)) if vector is not None else None
+        except (FingerprintError, ManifestError) as exc:
+            raise ControlError("invalid", str(exc)) from None
+        async with self.watches.subscribe(topic) as receive, trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_listening, keys)
+            yield _events(receive, query)
+            nursery.cancel_scope.cancel()
+
+    def _watch_keys(self, topic: str, vector: Sequence[float] | None) -> list[bytes]:
+        """The keys to listen on at their responsible nodes.
+
+        With a vector: its exact key in every table (similar packets share at least
+        one with high probability). Without: every code of table 0 of the topic, since
+        each packet has exactly one table-0 key. Keys do not depend on the dimension.
+        """
+        if vector is not None:
+            return keys_for(self.manifest, topic, normalize(vector))
+        lsh = LSH.for_topic(self.manifest, topic, 1)
+        if lsh.bits > MAX_WATCH_BITS:
+            raise ControlError(
+                "invalid",
+                f"vector: topic {topic!r} uses {lsh.bits}-bit codes; watching it whole "
+                f"needs a vector (at most {MAX_WATCH_BITS} bits without one)",
+            )
+        return [lsh.key(0, code) for code in range(1 << lsh.bits)]
+
+    async def _keep_listening(self, keys: list[bytes]) -> None:
+        """Register at the keys' responsible nodes and renew before the ttl runs out;
+        while some key found no node to register at (a node still alone, or still
+        joining), try again every few seconds."""
+        ttl = max(10.0, self.config.dht.listen_ttl)
+        granted: dict[bytes, int] = {}
+
+        async def register(key: bytes) -> None:
+            granted[key] = await self.node.listen(key, ttl)
+
+        try:
+            while True:
+                async with trio.open_nursery() as nursery:
+                    for key in keys:
+                        nursery.start_soon(register, key)
+                complete = all(granted.get(k, 0) > 0 for k in keys)
+                await trio.sleep(ttl / 2 if complete else WATCH_RETRY_S)
+        finally:
+            for key in keys:
+                self.node.unlisten(key)
+
+
+async def _events(
+    receive: trio.MemoryReceiveChannel[OutcomePacket], query: Sketch | None
+) -> AsyncIterator[dict[str, Any]]:
+    async for packet in receive:
+        yield _watch_event(packet, query)
+
+
+def _watch_event(packet: OutcomePacket, query: Sketch | None) -> dict[str, Any]:
+    event = packet.to_summary()
+    if query is not None:
+        sim = float(np.dot(query.to_array(), packet.sketch.to_array()))
+        event["similarity"] = round(sim, 6)
+    return event
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,153 @@
+"""Packets arriving at this node: stored as a responsible node, served, pushed.
+
+Every packet is decoded, its signature verified and admitted against the manifest
+(off the trio thread, with the SQLite write in the same hop, many requests per
+transaction: :mod:`qisd.dht.ingest`) before anything else sees it. A packet new to
+this node becomes a delivery; a packet new under a key is pushed to the peers
+listening to that key; both paths are bounded queues that
+drop (and count) rather than wait, so storage never blocks on a slow consumer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+from kademlia.node import Node
+
+from qisd.dht.api import Delivery, PutResult
+from qisd.dht.ingest import Ingest
+from qisd.dht.paging import batches, find_reply, verify_all
+from qisd.packet import OutcomePacket, PacketError
+from qisd.sketch import Sketch
+
+if TYPE_CHECKING:
+    from qisd.dht.node import DHTNode
+
+#: Store outcomes that mean "held here" (``superseded``: a newer one of the series is).
+OK_STATUSES = frozenset({"stored", "duplicate", "added_key", "superseded"})
+#: New to this key: pushed to its listeners. Only ``stored`` (new to this node) is
+#: also a delivery, so a packet held under several keys is synthesised once.
+NEW_UNDER_KEY = frozenset({"stored", "added_key"})
+#: Most keys tracked in memory; beyond it every request asks the store.
+MAX_TRACKED_KEYS = 1_000_000
+
+
+def status_text(result: PutResult) -> str:
+    if result.status in OK_STATUSES:
+        return result.status
+    return f"rejected:{result.reason or 'refused'}"
+
+
+class Inbound:
+    def __init__(self, node: DHTNode) -> None:
+        self.node = node
+        #: Keys the store holds packets under (a superset: expired keys leave at the
+        #: next sweep), or None while unknown. Most ``find_packets`` requests reach
+        #: nodes on the way to a key, not its holders: they are answered from this set
+        #: without a thread hop to SQLite.
+        self.held: set[bytes] | None = None
+        self.ingest = Ingest(node)
+        self.notify_send, self.notify_recv = trio.open_memory_channel[
+            tuple[Node, bytes, list[bytes]]
+        ](node.config.notify_queue)
+
+    def may_hold(self, key: bytes) -> bool:
+        return self.node.store is not None and (self.held is None or key in self.held)
+
+    def note_held(self, key: bytes) -> None:
+        if self.held is not None:
+            self.held.add(key)
+            if len(self.held) > MAX_TRACKED_KEYS:
+                self.held = None
+
+    async def reload_held(self) -> None:
+        """Re-read the store's keys (at start, and after each expiry sweep)."""
+        store = self.node.store
+        if store is None:
+            return
+        keys = await self.node.in_thread(store.keys, self.node.wall_ms())
+        self.held = set(keys) if len(keys) <= MAX_TRACKED_KEYS else None
+
+    async def accept(self, key: bytes, raws: list[bytes], source: str) -> list[str]:
+        """Verify and store packets a peer sent for ``key``; a status per packet."""
+        checked, results = await self.ingest.submit(key, raws)
+        good = [p for p in checked if isinstance(p, OutcomePacket)]
+        self.after_store(key, good, results, source)
+        stored = iter(results)
+        statuses: list[str] = []
+        for item in checked:
+            if isinstance(item, PacketError):
+                statuses.append(f"rejected:{item.reason}")
+            else:
+                statuses.append(status_text(next(stored)))
+        return statuses
+
+    async def store_local(
+        self, key: bytes, packets: Sequence[OutcomePacket], source: str
+    ) -> list[str]:
+        """Store already-verified packets here (this node is responsible for ``key``)."""
+        store = self.node.store
+        assert store is not None
+        items = [(key, p) for p in packets]
+        results = await self.node.in_thread(store.put_many, items, now_ms=self.node.wall_ms())
+        self.after_store(key, packets, results, source)
+        return [status_text(r) for r in results]
+
+    def after_store(
+        self,
+        key: bytes,
+        packets: Sequence[OutcomePacket],
+        results: Sequence[PutResult],
+        source: str,
+    ) -> None:
+        """Deliver what is new here; push what is new under ``key`` to its listeners."""
+        node = self.node
+        pushed = []
+        if any(r.status in OK_STATUSES for r in results):
+            self.note_held(key)
+        for packet, result in zip(packets, results, strict=True):
+            if result.status == "stored":
+                node.deliver(Delivery(key, packet, source))
+            if result.status in NEW_UNDER_KEY:
+                pushed.append(packet.encoded)
+        if not pushed:
+            return
+        listeners = node.listeners.for_key(key, trio.current_time())
+        if not listeners:
+            return
+        for batch in batches(pushed):
+            for peer in listeners:
+                try:
+                    self.notify_send.send_nowait((peer, key, batch))
+                except trio.WouldBlock:
+                    node.counters.dropped["notify_overflow"] += 1
+
+    async def notify_worker(self) -> None:
+        """Push queued notifications to listeners (several workers run at once)."""
+        node = self.node
+        async for peer, key, batch in self.notify_recv:
+            await node.call(peer, "notify", [node.me.id, key, batch], evict=False)
+
+    async def accept_notify(self, key: bytes, raws: list[bytes]) -> list[str]:
+        node = self.node
+        checked = await node.in_thread(verify_all, raws, node.manifest, now_ms=node.wall_ms())
+        statuses = []
+        for item in checked:
+            if isinstance(item, PacketError):
+                statuses.append(f"rejected:{item.reason}")
+            else:
+                node.deliver(Delivery(key, item, "notify"))
+                statuses.append("accepted")
+        return statuses
+
+    async def serve_find(
+        self, key: bytes, sketch: Sketch, limit: int, offset: int, nodes: list[list[Any]]
+    ) -> dict[str, Any]:
+        store = self.node.store
+        assert store is not None
+        top = await self.node.in_thread(
+            store.top, key, sketch, limit + 1, now_ms=self.node.wall_ms(), offset=offset
+        )
+        return find_reply(nodes, top, limit)

@@ -1,0 +1,198 @@
+"""Periodic upkeep of a node: refresh, republish, hand-off, expiry, state, listens.
+
+- Refresh (paper 2.3): a lookup of a random id in every bucket with no lookup for
+  ``refresh_interval``.
+- Hand-off (paper 2.5): a newly seen node gets the packets and values it should
+  hold, from the node that is currently closest to each key; one worker drains a
+  bounded queue of newcomers in batches (one pass over the held keys per batch)
+  with ``handoff_concurrency`` transfers at a time, so a burst of joins cannot
+  start unbounded work.
+- Republish: this node re-places its own packets, and the keys it is the closest
+  known node for, every ``republish_interval``; stock values older than that are
+  ``set`` again, as the stock server does.
+- Expiry of packets, values, listen registrations and subscriptions; the routing
+  table saved; listen registrations renewed before they lapse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import TYPE_CHECKING
+
+import trio
+from kademlia.node import Node
+
+from qisd.dht import state
+from qisd.dht.values import StockValue
+from qisd.logs import get_logger
+from qisd.packet import OutcomePacket
+
+if TYPE_CHECKING:
+    from qisd.dht.node import DHTNode
+
+log = get_logger(__name__)
+NOTIFY_WORKERS = 4
+#: Newcomers handled together in one pass over the held keys.
+HANDOFF_BATCH = 64
+#: Seconds a hand-off waits for more newcomers to join its batch.
+HANDOFF_DELAY = 0.5
+
+
+async def run(
+    node: DHTNode, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    cfg = node.config
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handoff_worker, node)
+        for _ in range(NOTIFY_WORKERS):
+            nursery.start_soon(node.packets.notify_worker)
+        nursery.start_soon(every, node, cfg.refresh_interval / 4, refresh)
+        nursery.start_soon(every, node, cfg.republish_interval, republish)
+        nursery.start_soon(every, node, cfg.expire_interval, expire)
+        nursery.start_soon(every, node, cfg.save_interval, state.save)
+        nursery.start_soon(every, node, cfg.listen_ttl_max / 2, renew_listens)
+        task_status.started()
+
+
+async def every(node: DHTNode, interval: float, job: Callable[[DHTNode], Awaitable[None]]) -> None:
+    while True:
+        await trio.sleep(interval)
+        try:
+            await job(node)
+        except Exception:  # upkeep must go on; the log says what broke
+            log.exception("dht upkeep failed", job=getattr(job, "__name__", repr(job)))
+
+
+async def refresh(node: DHTNode) -> None:
+    ids = node.table.refresh_ids(node.rng, node.config.refresh_interval)
+
+    async def one(rid: bytes) -> None:
+        await node.lookup_nodes(rid)
+
+    await node.packets.each_key(ids, one)
+
+
+def hand_off_targets(
+    node: DHTNode, key: bytes, newcomers: Collection[bytes], width: int
+) -> list[Node]:
+    """Stock ``welcome_if_new`` rule, for a batch: the newcomers now among the
+    ``width`` closest to ``key``, provided this node is closer to it than every
+    contact it knew before them (so exactly one node hands each key over)."""
+    target = Node(key)
+    # Cheap test first: most keys have an older contact closer than this node.
+    if node.table.any_closer(target, node.me.distance_to(target), exclude=newcomers):
+        return []
+    return [n for n in node.table.find_neighbors(target, k=width) if n.id in newcomers]
+
+
+async def hand_off(node: DHTNode, contacts: Sequence[Node]) -> None:
+    """Give newly seen contacts the packets and values they should now hold."""
+    newcomers = {c.id for c in contacts}
+    packets: dict[bytes, list[bytes]] = {}  # newcomer id -> keys
+    by_id: dict[bytes, Node] = {}
+    store = node.store
+    now_ms = node.wall_ms()
+    if store is not None:
+        held = node.packets.held
+        keys = list(held) if held is not None else await node.in_thread(store.keys, now_ms)
+        for key in keys:
+            for target in hand_off_targets(node, key, newcomers, node.replicas):
+                packets.setdefault(target.id, []).append(key)
+                by_id[target.id] = target
+    values: dict[bytes, list[tuple[bytes, StockValue]]] = {}
+    for key, value in list(node.values.items(trio.current_time())):
+        for target in hand_off_targets(node, key, newcomers, node.config.ksize):
+            values.setdefault(target.id, []).append((key, value))
+            by_id[target.id] = target
+
+    async def transfer(contact: Node) -> None:
+        if store is not None:
+            for key in packets.get(contact.id, []):
+                items = await node.in_thread(store.key_items, key, node.wall_ms())
+                if not items:
+                    continue
+                answer = await node.packets.store_remote(contact, key, [p.encoded for p in items])
+                if answer is None:
+                    break  # gone, or a stock node: it takes no packets
+                node.counters.handoffs += 1
+        for key, value in values.get(contact.id, []):
+            ok, _ = await node.call(contact, "store", [node.me.id, key, value], evict=False)
+            if not ok:
+                return
+
+    limiter = trio.CapacityLimiter(node.config.handoff_concurrency)
+
+    async def limited(contact: Node) -> None:
+        async with limiter:
+            await transfer(contact)
+
+    async with trio.open_nursery() as nursery:
+        for contact in by_id.values():
+            nursery.start_soon(limited, contact)
+
+
+async def handoff_worker(node: DHTNode) -> None:
+    """Drain the newcomer queue in batches: one pass over the held keys per batch."""
+    async for contact in node.handoff_recv:
+        # Newcomers come in bursts (a lookup names many): let a burst gather so
+        # one pass over the held keys serves all of it.
+        await trio.sleep(HANDOFF_DELAY)
+        batch = [contact]
+        while len(batch) < HANDOFF_BATCH:
+            try:
+                batch.append(node.handoff_recv.receive_nowait())
+            except trio.WouldBlock:
+                break
+        try:
+            await hand_off(node, batch)
+        except Exception:
+            log.exception("dht hand-off failed", contacts=len(batch))
+
+
+async def republish(node: DHTNode) -> None:
+    now_ms = node.wall_ms()
+    ops = node.packets
+    for pid, (packet, _) in list(ops.own.items()):
+        if packet.expires_ms <= now_ms:
+            del ops.own[pid]
+    for packet, packet_keys in list(ops.own.values()):
+
+        async def put_own(key: bytes, packet: OutcomePacket = packet) -> None:
+            await ops.place(key, [packet])
+
+        await ops.each_key(packet_keys, put_own)
+    store = node.store
+    if store is not None:
+        stored_keys = await node.in_thread(store.keys, now_ms)
+        primary = [k for k in stored_keys if _is_primary(node, k)]
+
+        async def one(key: bytes) -> None:
+            items = await node.in_thread(store.key_items, key, node.wall_ms())
+            if items:
+                await ops.place(key, items)
+
+        await ops.each_key(primary, one)
+    now = trio.current_time()
+    for dkey, value in node.values.older_than(node.config.republish_interval, now):
+        await node.set_digest(dkey, value)
+
+
+def _is_primary(node: DHTNode, key: bytes) -> bool:
+    target = Node(key)
+    nearest = node.table.find_neighbors(target, k=1)
+    return not nearest or bool(node.me.distance_to(target) < nearest[0].distance_to(target))
+
+
+async def expire(node: DHTNode) -> None:
+    now = trio.current_time()
+    node.values.expire(now)
+    node.listeners.expire(now)
+    for key in [k for k, until in node.subscriptions.items() if until <= now]:
+        del node.subscriptions[key]
+    if node.store is not None:
+        await node.in_thread(node.store.expire, node.wall_ms())
+        await node.packets.reload_held()
+
+
+async def renew_listens(node: DHTNode) -> None:
+    await node.packets.each_key(list(node.subscriptions), node.packets.register)

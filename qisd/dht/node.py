@@ -1,0 +1,371 @@
+"""The DHT node: contacts, outgoing RPCs, lookups, stock get/set, and its lifetime.
+
+A :class:`DHTNode` ties the pure parts (routing table, lookup state, value tables)
+to one :class:`~qisd.dht.transport.Transport`. Inbound requests are answered by
+:mod:`qisd.dht.rpc`, packet placement and search live in :mod:`qisd.dht.packets`,
+periodic upkeep in :mod:`qisd.dht.maintenance`. Use :func:`open_node`::
+
+    async with open_node(identity, manifest, store, host="0.0.0.0", port=4000) as node:
+        await node.bootstrap([("192.0.2.7", 4000)])
+        report = await node.put_packet(packet)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+from kademlia.node import Node
+
+from qisd.dht import maintenance, state, stock
+from qisd.dht.api import Delivery, Identity, PacketStore, PutReport
+from qisd.dht.config import DHTConfig
+from qisd.dht.lookup import LookupStats, Reply, iterate
+from qisd.dht.packets import PacketOps
+from qisd.dht.routing import ADDED, PING_HEAD, RoutingTable
+from qisd.dht.rpc import RpcServer
+from qisd.dht.stats import Counters, DHTStatistics
+from qisd.dht.transport import DatagramEndpoint, Transport, open_udp_endpoint
+from qisd.dht.traverse import LookupState
+from qisd.dht.values import AddressMemory, Listeners, StockValue, ValueStore
+from qisd.dht.wire import Address, WireError, contact_list, normalize_ip
+from qisd.logs import get_logger
+from qisd.manifest import DEFAULT_MANIFEST, Manifest
+from qisd.packet import OutcomePacket
+from qisd.sketch import Sketch
+
+log = get_logger(__name__)
+T = TypeVar("T")
+#: Largest node list accepted in a reply (stock nodes may run a larger k).
+MAX_REPLY_NODES = 64
+#: Head pings (paper 2.2 eviction checks) in flight at once.
+MAX_HEAD_PINGS = 16
+
+
+class DHTNode:
+    def __init__(
+        self,
+        identity: Identity,
+        manifest: Manifest,
+        store: PacketStore | None,
+        endpoint: DatagramEndpoint,
+        *,
+        config: DHTConfig,
+        state_dir: Path | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.identity = identity
+        self.manifest = manifest
+        self.store = store
+        self.config = config
+        self.replicas = config.replicas or manifest.replicas
+        host, port = endpoint.local_address
+        self.me = Node(identity.node_id, host, port)
+        self.rng = rng or random.Random()
+        self.counters = Counters()
+        self.table = RoutingTable(
+            self.me, config.ksize, clock=trio.current_time, subnets=config.subnets
+        )
+        self.values = ValueStore(
+            ttl=config.value_ttl, max_items=config.max_values, max_bytes=config.max_value_bytes
+        )
+        self.listeners = Listeners(
+            ttl_max=config.listen_ttl_max,
+            per_peer=config.max_listens_per_peer,
+            max_total=config.max_listens,
+        )
+        #: Keys this node listens to (key -> monotonic expiry).
+        self.subscriptions: dict[bytes, float] = {}
+        #: Peers seen speaking the packet RPCs, and peers that ignored them.
+        self.packet_peers = AddressMemory(ttl=3600.0)
+        self.stock_peers = AddressMemory(ttl=600.0)
+        #: Peers that recently failed to answer (see ``DHTConfig.failure_backoff``).
+        self.failed_peers = AddressMemory(ttl=config.failure_backoff)
+        self.rpc = RpcServer(self)
+        self.packets = PacketOps(self)
+        self.transport = Transport(
+            endpoint,
+            self.rpc.dispatch,
+            self.counters,
+            timeout=config.rpc_timeout,
+            max_outstanding=config.max_outstanding,
+            max_handlers=config.max_handlers,
+            limits=config.limits,
+        )
+        self._deliver_send, self.deliveries = trio.open_memory_channel[Delivery](
+            config.delivery_buffer
+        )
+        self.handoff_send, self.handoff_recv = trio.open_memory_channel[Node](config.handoff_queue)
+        self.thread_limiter = trio.CapacityLimiter(config.store_threads)
+        self.state_file = state_dir / state.FILE_NAME if state_dir is not None else None
+        self._v6 = ":" in host
+        self._pinging: set[bytes] = set()
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifetime ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; ``started`` once the socket is answering."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.transport.serve)
+            await self.packets.reload_held()
+            restored = await state.load(self)
+            await nursery.start(maintenance.run, self)
+            if restored:
+                nursery.start_soon(self._rejoin)
+            task_status.started()
+
+    async def _rejoin(self) -> None:
+        # Contacts from the state file may be stale: a lookup of our own id pings
+        # them, evicts the dead ones and tells the live ones we are back.
+        await self.lookup_nodes(self.me.id)
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run store/verification work off the trio thread, a few at a time."""
+        return await trio.to_thread.run_sync(
+            partial(fn, *args, **kwargs), limiter=self.thread_limiter
+        )
+
+    @property
+    def address(self) -> Address:
+        return self.transport.local_address
+
+    @staticmethod
+    def wall_ms() -> int:
+        return int(time.time() * 1000)
+
+    # -- contacts ---------------------------------------------------------------
+
+    def reachable(self, ip: str | None) -> bool:
+        """Only contacts of our socket's address family can be reached."""
+        return ip is not None and (":" in ip) == self._v6
+
+    def welcome(self, contact: Node) -> None:
+        """``contact`` sent or answered something: record it (paper 2.2, 2.5)."""
+        if contact.id == self.me.id or not self.reachable(contact.ip):
+            return
+        self.failed_peers.discard((contact.ip, contact.port))
+        result = self.table.add_contact(contact)
+        if result.action == ADDED:
+            if self.store is not None or len(self.values):
+                try:
+                    self.handoff_send.send_nowait(contact)
+                except trio.WouldBlock:
+                    self.counters.dropped["handoff_overflow"] += 1
+        elif result.action == PING_HEAD and result.head is not None:
+            head = result.head
+            if head.id not in self._pinging and len(self._pinging) < MAX_HEAD_PINGS:
+                self._pinging.add(head.id)
+                self.spawn(self._ping_head, head)
+
+    async def _ping_head(self, head: Node) -> None:
+        # Answer: ``call`` moves it to the bucket's tail. Silence: ``call`` removes
+        # it and the newest replacement (the newcomer) takes its place.
+        try:
+            await self.call(head, "ping", [self.me.id])
+        finally:
+            self._pinging.discard(head.id)
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Hand a packet to the daemon; never waits (a full channel counts a drop)."""
+        try:
+            self._deliver_send.send_nowait(delivery)
+        except trio.WouldBlock:
+            self.counters.deliveries_dropped += 1
+        else:
+            self.counters.deliveries += 1
+
+    # -- outgoing RPCs ----------------------------------------------------------
+
+    async def call(
+        self, peer: Node, name: str, args: list[Any], *, evict: bool = True
+    ) -> tuple[bool, Any]:
+        """One RPC to ``peer``; an answer welcomes it, silence evicts it (if ``evict``).
+
+        A peer that failed within ``failure_backoff`` seconds fails again at once.
+        """
+        addr = (peer.ip, peer.port)
+        if self.failed_peers.has(addr, trio.current_time()):
+            ok, result = False, None
+        else:
+            ok, result = await self.transport.call(addr, name, args)
+            if not ok:
+                self.failed_peers.add(addr, trio.current_time())
+        if ok:
+            self.welcome(peer)
+        elif evict:
+            self.table.remove_contact(peer)
+        return ok, result
+
+    def parse_nodes(self, rpc: str, value: Any) -> list[Node] | None:
+        try:
+            triples = contact_list(rpc, value, MAX_REPLY_NODES)
+        except WireError:
+            self.counters.dropped["bad_reply"] += 1
+            return None
+        me = self.me.id
+        return [Node(i, ip, port) for i, ip, port in triples if i != me and self.reachable(ip)]
+
+    async def ping(self, addr: Address) -> Node | None:
+        """Ping an address; the node there, or None if it did not answer properly."""
+        ok, result = await self.transport.call(addr, "ping", [self.me.id])
+        if not ok or not isinstance(result, bytes) or len(result) != 20:
+            return None
+        contact = Node(result, addr[0], addr[1])
+        self.welcome(contact)
+        return contact
+
+    async def find_node_reply(self, key: bytes, peer: Node) -> Reply | None:
+        ok, result = await self.call(peer, "find_node", [self.me.id, key])
+        if not ok:
+            return None
+        nodes = self.parse_nodes("find_node", result)
+        return None if nodes is None else Reply(nodes)
+
+    # -- lookups ----------------------------------------------------------------
+
+    def seeds(self, key: bytes) -> list[Node]:
+        self.table.touch_range(key)
+        return self.table.find_neighbors(Node(key), k=self.config.ksize)
+
+    async def run_lookup(
+        self,
+        state_: LookupState,
+        find: Callable[[Node], Awaitable[Reply | None]],
+        on_reply: Callable[[Node, Reply], bool] | None = None,
+    ) -> LookupStats:
+        stats = await iterate(state_, find, alpha=self.config.alpha, on_reply=on_reply)
+        self.counters.lookup_done(stats.hops, stats.rpcs, stats.seconds)
+        return stats
+
+    async def lookup_nodes(
+        self, key: bytes, *, width: int | None = None
+    ) -> tuple[list[Node], LookupStats]:
+        """Iterative FIND_NODE: the ``width`` (default k) closest live nodes to ``key``."""
+        st = LookupState(
+            key, self.seeds(key), width=width or self.config.ksize, exclude=[self.me.id]
+        )
+        stats = await self.run_lookup(st, partial(self.find_node_reply, key))
+        return st.closest(), stats
+
+    async def bootstrap(self, addrs: Iterable[tuple[str, int]]) -> list[Node]:
+        """Join through known addresses (IPs or host names); the nodes closest to us."""
+        resolved = [await self._resolve(host, port) for host, port in addrs]
+        async with trio.open_nursery() as nursery:
+            for addr in resolved:
+                if addr is not None:
+                    nursery.start_soon(self.ping, addr)
+        nodes, _ = await self.lookup_nodes(self.me.id)
+        return nodes
+
+    async def _resolve(self, host: str, port: int) -> Address | None:
+        try:
+            return normalize_ip(host), port
+        except ValueError:
+            pass
+        family = trio.socket.AF_INET6 if self._v6 else trio.socket.AF_INET
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, family=family)
+        except OSError as exc:
+            log.warning("bootstrap address does not resolve", host=host, port=port, error=str(exc))
+            return None
+        sockaddr = infos[0][4]
+        return str(sockaddr[0]), int(sockaddr[1])
+
+    # -- stock values (see qisd.dht.stock) ---------------------------------------
+
+    async def set(self, key: Any, value: StockValue) -> bool:
+        """Store ``value`` under SHA-1(``key``) at the k closest nodes, as stock ``set``."""
+        return await stock.set_value(self, key, value)
+
+    async def set_digest(self, dkey: bytes, value: StockValue) -> bool:
+        return await stock.set_digest(self, dkey, value)
+
+    async def get(self, key: Any) -> StockValue | None:
+        """The value under SHA-1(``key``), here or in the network, as stock ``get``."""
+        return await stock.get_value(self, key)
+
+    # -- packets (see qisd.dht.packets) -------------------------------------------
+
+    async def put_packet(
+        self, packet: OutcomePacket, *, keys: list[bytes] | None = None
+    ) -> PutReport:
+        """Store ``packet`` at the ``replicas`` closest nodes of each of its keys."""
+        return await self.packets.put_packet(packet, keys=keys)
+
+    async def find_packets(
+        self, keys: Iterable[bytes], query_sketch: Sketch, m: int
+    ) -> list[tuple[float, OutcomePacket]]:
+        """The best ``m`` packets under ``keys`` by similarity to ``query_sketch``."""
+        return await self.packets.find_packets(list(keys), query_sketch, m)
+
+    async def listen(self, key: bytes, ttl_s: float) -> int:
+        """Ask the nodes responsible for ``key`` to push its new packets here."""
+        return await self.packets.listen(key, ttl_s)
+
+    def unlisten(self, key: bytes) -> None:
+        self.subscriptions.pop(key, None)
+
+    # -- statistics ---------------------------------------------------------------
+
+    def statistics(self) -> DHTStatistics:
+        return self.counters.snapshot(
+            node_id=self.me.id,
+            address=self.address,
+            peers=len(self.table),
+            buckets=self.table.non_empty_buckets(),
+            values=len(self.values),
+            listeners=len(self.listeners),
+            subscriptions=len(self.subscriptions),
+        )
+
+
+@asynccontextmanager
+async def open_node(
+    identity: Identity,
+    manifest: Manifest = DEFAULT_MANIFEST,
+    store: PacketStore | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    config: DHTConfig | None = None,
+    state_dir: Path | None = None,
+    endpoint: DatagramEndpoint | None = None,
+    rng: random.Random | None = None,
+) -> AsyncIterator[DHTNode]:
+    """A running node bound to ``host``:``port`` (or to ``endpoint``, e.g. memnet).
+
+    On exit the routing table is saved to ``state_dir`` and the socket closed.
+    """
+    ep = endpoint if endpoint is not None else await open_udp_endpoint(host, port)
+    try:
+        node = DHTNode(
+            identity,
+            manifest,
+            store,
+            ep,
+            config=config or DHTConfig(),
+            state_dir=state_dir,
+            rng=rng,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            try:
+                yield node
+            finally:
+                with trio.CancelScope(shield=True):
+                    await state.save(node)
+                nursery.cancel_scope.cancel()
+    finally:
+        ep.close()

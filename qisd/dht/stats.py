@@ -1,0 +1,167 @@
+"""Counters the DHT keeps and the immutable snapshot it hands to metrics (pure).
+
+Everything is a plain integer or float updated in place on the hot path (no locks:
+one trio thread), and :meth:`Counters.snapshot` copies it into a frozen
+:class:`DHTStatistics`. Latencies are kept as Prometheus-style cumulative histograms
+(fixed bucket bounds, count and sum) so the metrics layer can export them unchanged.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+#: Bucket upper bounds (seconds) for RPC and lookup latency.
+LATENCY_BOUNDS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+#: Bucket upper bounds for hops and RPCs per lookup.
+COUNT_BOUNDS: tuple[float, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100, 200)
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """Cumulative histogram: ``buckets[i]`` observations were <= ``bounds[i]``."""
+
+    bounds: tuple[float, ...]
+    buckets: tuple[int, ...]
+    count: int
+    sum: float
+
+
+class HistogramCounter:
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self.bounds, value)
+        if i < len(self.counts):
+            self.counts[i] += 1
+        self.count += 1
+        self.sum += value
+
+    def snapshot(self) -> Histogram:
+        cumulative, total = [], 0
+        for c in self.counts:
+            total += c
+            cumulative.append(total)
+        return Histogram(self.bounds, tuple(cumulative), self.count, self.sum)
+
+
+@dataclass(frozen=True, slots=True)
+class DHTStatistics:
+    """What a node has done so far; every field is a copy, safe to keep."""
+
+    node_id: bytes
+    address: tuple[str, int]
+    peers: int
+    buckets: int
+    #: (method, "in" | "out", result) -> count; results: ok, timeout, error, dropped.
+    rpcs: Mapping[tuple[str, str, str], int]
+    #: Inbound datagrams dropped, by reason (malformed, oversized, rate_source, ...).
+    dropped: Mapping[str, int]
+    bytes_in: int
+    bytes_out: int
+    datagrams_in: int
+    datagrams_out: int
+    rpc_latency: Mapping[str, Histogram]
+    lookups: int
+    lookup_hops: Histogram
+    lookup_rpcs: Histogram
+    lookup_latency: Histogram
+    values: int
+    deliveries: int
+    deliveries_dropped: int
+    listeners: int
+    subscriptions: int
+    handoffs: int
+
+
+class Counters:
+    """Mutable counters owned by one node."""
+
+    def __init__(self) -> None:
+        self.rpcs: Counter[tuple[str, str, str]] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.datagrams_in = 0
+        self.datagrams_out = 0
+        self.rpc_latency: dict[str, HistogramCounter] = {}
+        self.lookup_hops = HistogramCounter(COUNT_BOUNDS)
+        self.lookup_rpcs = HistogramCounter(COUNT_BOUNDS)
+        self.lookup_latency = HistogramCounter(LATENCY_BOUNDS)
+        self.deliveries = 0
+        self.deliveries_dropped = 0
+        self.handoffs = 0
+
+    def rpc_done(self, method: str, result: str, seconds: float | None = None) -> None:
+        self.rpcs[(method, "out", result)] += 1
+        if seconds is not None:
+            hist = self.rpc_latency.get(method)
+            if hist is None:
+                hist = self.rpc_latency[method] = HistogramCounter(LATENCY_BOUNDS)
+            hist.observe(seconds)
+
+    def lookup_done(self, hops: int, rpcs: int, seconds: float) -> None:
+        self.lookup_hops.observe(hops)
+        self.lookup_rpcs.observe(rpcs)
+        self.lookup_latency.observe(seconds)
+
+    def snapshot(
+        self,
+        *,
+        node_id: bytes,
+        address: tuple[str, int],
+        peers: int,
+        buckets: int,
+        values: int,
+        listeners: int,
+        subscriptions: int,
+    ) -> DHTStatistics:
+        return DHTStatistics(
+            node_id=node_id,
+            address=address,
+            peers=peers,
+            buckets=buckets,
+            rpcs=MappingProxyType(dict(self.rpcs)),
+            dropped=MappingProxyType(dict(self.dropped)),
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            datagrams_in=self.datagrams_in,
+            datagrams_out=self.datagrams_out,
+            rpc_latency=MappingProxyType(
+                {name: h.snapshot() for name, h in self.rpc_latency.items()}
+            ),
+            lookups=self.lookup_hops.count,
+            lookup_hops=self.lookup_hops.snapshot(),
+            lookup_rpcs=self.lookup_rpcs.snapshot(),
+            lookup_latency=self.lookup_latency.snapshot(),
+            values=values,
+            deliveries=self.deliveries,
+            deliveries_dropped=self.deliveries_dropped,
+            listeners=listeners,
+            subscriptions=subscriptions,
+            handoffs=self.handoffs,
+        )

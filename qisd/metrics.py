@@ -1,0 +1,230 @@
+"""Prometheus metrics: a collector over the layers' ``statistics()`` snapshots, and a
+small trio HTTP server for ``GET /metrics``.
+
+Nothing is computed at scrape time beyond copying: each family is read from a
+snapshot the layer keeps (DHT counters and histograms, store totals, control
+requests, synthesis worker) or from a counter updated where the event happened.
+Names follow Prometheus conventions (``qisd_`` prefix, base units, ``_total`` for
+counters, ``_seconds`` histograms) and carry no per-peer labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+
+from qisd import __version__
+
+if TYPE_CHECKING:
+    from qisd.daemon.service import NodeService
+    from qisd.dht.stats import Histogram
+
+log = structlog.get_logger("qisd.metrics")
+MAX_REQUEST_HEAD = 8192
+
+
+def _histogram(name: str, doc: str, h: Histogram, labels: dict[str, str] | None = None,
+               family: HistogramMetricFamily | None = None) -> HistogramMetricFamily:
+    fam = family or HistogramMetricFamily(name, doc, labels=list(labels or {}))
+    buckets = [(_bound(b), float(c)) for b, c in zip(h.bounds, h.buckets, strict=True)]
+    buckets.append(("+Inf", float(h.count)))
+    fam.add_metric(list((labels or {}).values()), buckets, h.sum)
+    return fam
+
+
+def _bound(b: float) -> str:
+    return repr(float(b))
+
+
+class QisdCollector:
+    """Reads the service's layers on each scrape."""
+
+    def __init__(self, service: NodeService) -> None:
+        self.service = service
+
+    def describe(self) -> list[Metric]:
+        return []  # families are dynamic; an empty describe skips the registry's checks
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self.service
+        info = InfoMetricFamily("qisd_build", "qisd version and swarm")
+        info.add_metric([], {"version": __version__, "swarm": svc.manifest.swarm_id.hex()[:16]})
+        yield info
+        yield from self._dht()
+        yield from self._store()
+        yield from self._packets()
+        yield from self._control()
+        yield from self._synthesis()
+
+    def _dht(self) -> Iterator[Metric]:
+        st = self.service.node.statistics()
+        rpcs = CounterMetricFamily(
+            "qisd_rpc", "DHT RPCs by method, direction and result",
+            labels=["method", "direction", "result"],
+        )
+        for (method, direction, result), n in sorted(st.rpcs.items()):
+            rpcs.add_metric([method, direction, result], n)
+        yield rpcs
+        dropped = CounterMetricFamily(
+            "qisd_datagrams_dropped", "Inbound datagrams dropped, by reason", labels=["reason"]
+        )
+        for reason, n in sorted(st.dropped.items()):
+            dropped.add_metric([reason], n)
+        yield dropped
+        yield CounterMetricFamily("qisd_network_received_bytes", "UDP bytes received",
+                                  value=st.bytes_in)
+        yield CounterMetricFamily("qisd_network_sent_bytes", "UDP bytes sent", value=st.bytes_out)
+        lat = HistogramMetricFamily("qisd_rpc_duration_seconds",
+                                    "Outbound RPC round-trip time", labels=["method"])
+        for method, h in sorted(st.rpc_latency.items()):
+            _histogram("", "", h, {"method": method}, family=lat)
+        yield lat
+        yield _histogram("qisd_lookup_duration_seconds", "Iterative lookup time",
+                         st.lookup_latency)
+        yield _histogram("qisd_lookup_hops", "Rounds per iterative lookup", st.lookup_hops)
+        yield _histogram("qisd_lookup_rpcs", "RPCs sent per iterative lookup", st.lookup_rpcs)
+        yield GaugeMetricFamily("qisd_peers", "Contacts in the routing table", value=st.peers)
+        yield GaugeMetricFamily("qisd_routing_buckets", "Non-empty k-buckets", value=st.buckets)
+        yield GaugeMetricFamily("qisd_listen_registrations",
+                                "Peers' listen registrations held here", value=st.listeners)
+        yield CounterMetricFamily("qisd_handoffs", "Hand-offs to newly seen closer nodes",
+                                  value=st.handoffs)
+        last = self.service.last_bootstrap
+        yield GaugeMetricFamily(
+            "qisd_bootstrap_last_success_timestamp_seconds",
+            "Unix time of the last successful bootstrap (0: never)", value=last or 0.0,
+        )
+
+    def _store(self) -> Iterator[Metric]:
+        st = self.service.store.statistics()
+        yield GaugeMetricFamily("qisd_stored_packets", "Packets in the store", value=st.packets)
+        yield GaugeMetricFamily("qisd_stored_bytes", "Encoded bytes of stored packets",
+                                value=st.bytes)
+        yield GaugeMetricFamily("qisd_stored_keys", "Keys holding packets", value=st.keys)
+
+    def _packets(self) -> Iterator[Metric]:
+        svc = self.service
+        st = svc.node.statistics()
+        yield CounterMetricFamily("qisd_packets_emitted", "Packets emitted by this node",
+                                  value=svc.emitted)
+        yield CounterMetricFamily("qisd_queries", "Queries answered for local clients",
+                                  value=svc.queries)
+        yield CounterMetricFamily(
+            "qisd_packets_delivered", "Packets delivered (accepted as responsible node or "
+            "pushed for a listen)", value=st.deliveries,
+        )
+        accepted = getattr(st, "packets_accepted", None)
+        if accepted is not None:
+            yield CounterMetricFamily("qisd_packets_accepted",
+                                      "Packets accepted into the store from peers",
+                                      value=accepted)
+        rejected = CounterMetricFamily("qisd_packets_rejected", "Packets refused, by reason",
+                                       labels=["reason"])
+        for reason, n in sorted(getattr(st, "packets_rejected", {}).items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+
+    def _control(self) -> Iterator[Metric]:
+        stats = self.service.control_statistics()
+        fam = CounterMetricFamily("qisd_control_requests",
+                                  "Control socket requests by method and result",
+                                  labels=["method", "result"])
+        for (method, result), n in sorted(stats.items()):
+            fam.add_metric([method, result], n)
+        yield fam
+
+    def _synthesis(self) -> Iterator[Metric]:
+        svc = self.service
+        st: dict[str, Any] = svc.synthesis_statistics()
+        yield CounterMetricFamily("qisd_packets_synthesised",
+                                  "Synthesis packets emitted by this node",
+                                  value=st.get("drafts_published", 0))
+        yield GaugeMetricFamily("qisd_synthesis_backlog",
+                                "Deliveries waiting for the synthesis worker",
+                                value=st.get("backlog", 0))
+        yield CounterMetricFamily("qisd_synthesis_fell_behind",
+                                  "Deliveries the worker missed (caught up from the store)",
+                                  value=svc.synthesis_behind)
+
+
+def make_registry(service: NodeService) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(QisdCollector(service))
+    return registry
+
+
+async def serve_metrics(
+    address: tuple[str, int],
+    service: NodeService,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``GET /metrics`` on ``address``; ``started`` with the URL actually bound."""
+    registry = make_registry(service)
+    host, port = address
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    url = f"http://{shown}:{bound[1]}/metrics"
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            with trio.move_on_after(10):
+                await _answer(stream, registry)
+
+    task_status.started(url)
+    await trio.serve_listeners(handle, listeners)
+
+
+async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+    head = b""
+    while b"\r\n\r\n" not in head and b"\n\n" not in head:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            return
+        head += chunk
+        if len(head) > MAX_REQUEST_HEAD:
+            await _reply(stream, 431, b"request head too large\n")
+            return
+    line = head.split(b"\n", 1)[0].decode("latin-1").strip().split()
+    if len(line) < 2 or line[0] not in ("GET", "HEAD"):
+        await _reply(stream, 405, b"only GET /metrics\n")
+        return
+    path = line[1].split("?", 1)[0]
+    if path not in ("/metrics", "/"):
+        await _reply(stream, 404, b"see /metrics\n")
+        return
+    try:
+        # On the trio thread: the snapshots read trio-owned counters.
+        body = generate_latest(registry)
+    except Exception as exc:
+        log.exception("metrics collection failed")
+        await _reply(stream, 500, f"metrics collection failed: {exc}\n".encode())
+        return
+    await _reply(stream, 200, body if line[0] == "GET" else b"",
+                 content_type="text/plain; version=0.0.4; charset=utf-8", length=len(body))
+
+
+async def _reply(stream: trio.SocketStream, status: int, body: bytes, *,
+                 content_type: str = "text/plain; charset=utf-8",
+                 length: int | None = None) -> None:
+    reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Too Large",
+              500: "Internal Server Error"}[status]
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    try:
+        await stream.send_all(head + body)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass

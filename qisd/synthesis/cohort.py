@@ -1,0 +1,303 @@
+"""The default synthesizer: cohorts of similar cases, one synthesis packet per cohort.
+
+Per topic (and sketch dimension), packets are grouped by leader clustering: a packet
+joins the cohort whose centroid is most similar to its sketch if that cosine reaches
+``similarity``, and otherwise starts a cohort of its own. A centroid is the running
+mean of its members' unit vectors, re-normalised, so it drifts with its members; the
+cohort's ``series`` is fixed by its first member, so every new synthesis of it
+supersedes the previous one in the stores that hold it.
+
+A cohort is synthesised when it describes at least ``min_cohort`` cases (the privacy
+floor: smaller cohorts are never published) and enough new evidence arrived since its
+last draft (``min_new`` packets, or any new packet once ``interval`` has passed since
+``ready`` first saw it). Packets of generation >= ``max_generation`` are never consumed,
+and syntheses are not consumed at all unless the ``include_syntheses`` option is set
+(it only matters when the cap allows generation 2), so the loop cannot feed on itself
+and a case is never counted once raw and again inside a synthesis.
+
+Memory is bounded: at most ``max_members`` ids per cohort (a full cohort takes no new
+members, so similar packets start a fresh cohort beside it), at most
+``max_cohorts_per_topic`` cohorts per topic and ``max_cohorts`` in all (the least
+recently updated cohort is evicted, its published synthesis simply ages out), and a
+cohort is forgotten once all its members expired. Packet ids are deduplicated for as
+long as their cohort lives; an evicted cohort's packets could be counted again if
+re-delivered.
+
+Options (``SynthesizerSettings.options``): ``max_members`` (1024),
+``max_cohorts_per_topic`` (256), ``max_cohorts`` (4096), ``include_syntheses``
+(false), ``ranges`` (``{field: [lo, hi]}``, see :mod:`qisd.synthesis.noise`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from qisd.packet import KIND_SYNTHESIS, OutcomePacket
+from qisd.sketch import FloatArray
+from qisd.synthesis.base import (
+    SynthesisDraft,
+    SynthesizerError,
+    SynthesizerSettings,
+    bounded_parents,
+    series_id,
+)
+from qisd.synthesis.encoding import EncodingError, decode_outcome, encode_aggregate
+from qisd.synthesis.noise import noisy_aggregate, noisy_count
+from qisd.synthesis.stats import OutcomeAggregate
+
+_OPTION_DEFAULTS: dict[str, Any] = {
+    "max_members": 1024,
+    "max_cohorts_per_topic": 256,
+    "max_cohorts": 4096,
+    "include_syntheses": False,
+    "ranges": {},
+}
+
+
+@dataclass(eq=False)
+class Cohort:
+    """One group of similar packets and what is known about them."""
+
+    seq: int
+    topic: str
+    series: bytes
+    vector_sum: FloatArray
+    centroid: FloatArray
+    members: list[bytes] = field(default_factory=list)
+    origins: set[bytes] = field(default_factory=set)
+    cases: int = 0
+    aggregate: OutcomeAggregate = field(default_factory=OutcomeAggregate)
+    #: Packets added since the last draft.
+    new: int = 0
+    #: When ``ready`` first saw the pending new packets (ms), for the interval rule.
+    waiting_since_ms: int | None = None
+    drafts: int = 0
+    generation: int = 0
+    expires_ms: int = 0
+    touched: int = 0
+
+
+@dataclass(eq=False)
+class _Group:
+    """The cohorts of one (topic, dim), with their centroids as matrix rows."""
+
+    dim: int
+    cohorts: list[Cohort] = field(default_factory=list)
+    matrix: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))
+    #: Rows of cohorts that reached ``max_members`` (they take no new members).
+    full: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+    def __post_init__(self) -> None:
+        self.matrix = np.zeros((0, self.dim))
+
+
+class CohortSynthesizer:
+    """Leader clustering by sketch cosine; see the module docstring for the rules."""
+
+    def __init__(
+        self, settings: SynthesizerSettings | None = None, *, rng: random.Random | None = None
+    ) -> None:
+        self.settings = settings or SynthesizerSettings()
+        opts = _options(self.settings.options)
+        self.max_members: int = opts["max_members"]
+        self.max_cohorts_per_topic: int = opts["max_cohorts_per_topic"]
+        self.max_cohorts: int = opts["max_cohorts"]
+        self.include_syntheses: bool = opts["include_syntheses"]
+        self.ranges: dict[str, tuple[float, float]] = opts["ranges"]
+        # Noise must not be predictable: OS entropy unless a test injects a seed.
+        self._rng = rng or random.SystemRandom()
+        self._groups: dict[tuple[str, int], _Group] = {}
+        self._cohorts: dict[int, Cohort] = {}
+        self._index: dict[bytes, Cohort] = {}
+        self._seq = 0
+        self._tick = 0
+        self._counts: dict[str, int] = dict.fromkeys(
+            ("consumed", "duplicates", "skipped_generation", "skipped_synthesis",
+             "skipped_undecodable", "skipped_empty", "evicted", "expired", "drafts",
+             "fields_dropped"), 0)
+
+    # -- consuming ---------------------------------------------------------------
+
+    def consume(self, packet: OutcomePacket) -> None:
+        if packet.generation >= self.settings.max_generation:
+            self._counts["skipped_generation"] += 1
+            return
+        if packet.kind == KIND_SYNTHESIS and not self.include_syntheses:
+            self._counts["skipped_synthesis"] += 1
+            return
+        pid = packet.id
+        if pid in self._index:
+            self._counts["duplicates"] += 1
+            return
+        if packet.kind == KIND_SYNTHESIS:
+            try:
+                addition = decode_outcome(packet.outcome, packet.n).aggregate
+            except EncodingError:
+                self._counts["skipped_undecodable"] += 1
+                return
+        else:
+            addition = None
+        unit = packet.sketch.to_array()
+        if not np.any(unit):
+            self._counts["skipped_empty"] += 1
+            return
+        cohort = self._place(packet.topic, unit, pid)
+        self._tick += 1
+        cohort.touched = self._tick
+        cohort.members.append(pid)
+        self._index[pid] = cohort
+        cohort.origins.add(packet.origin)
+        cohort.cases += packet.n
+        if addition is None:
+            cohort.aggregate.add_outcome(packet.outcome, packet.n)
+        else:
+            cohort.aggregate.merge(addition)
+        cohort.generation = max(cohort.generation, packet.generation)
+        cohort.expires_ms = max(cohort.expires_ms, packet.expires_ms)
+        cohort.new += 1
+        self._counts["consumed"] += 1
+
+    def _place(self, topic: str, unit: FloatArray, pid: bytes) -> Cohort:
+        """The cohort ``unit`` joins (its centroid updated), or a new one it leads."""
+        group = self._groups.get((topic, unit.size))
+        if group is None:
+            group = self._groups[(topic, unit.size)] = _Group(unit.size)
+        if group.cohorts:
+            sims = np.where(group.full, -math.inf, group.matrix @ unit)
+            best = int(np.argmax(sims))
+            if sims[best] >= self.settings.similarity:
+                cohort = group.cohorts[best]
+                cohort.vector_sum += unit
+                cohort.centroid = cohort.vector_sum / np.linalg.norm(cohort.vector_sum)
+                group.matrix[best] = cohort.centroid
+                # consume() appends the member right after this returns.
+                group.full[best] = len(cohort.members) + 1 >= self.max_members
+                return cohort
+        if len(group.cohorts) >= self.max_cohorts_per_topic:
+            self._evict(min(group.cohorts, key=lambda c: c.touched))
+        if len(self._cohorts) >= self.max_cohorts:
+            self._evict(min(self._cohorts.values(), key=lambda c: c.touched))
+        # An eviction may have emptied (and unlisted) this very group.
+        group = self._groups.setdefault((topic, unit.size), group)
+        self._seq += 1
+        cohort = Cohort(
+            seq=self._seq, topic=topic,
+            series=series_id(self.settings.salt, topic, pid),
+            vector_sum=unit.copy(), centroid=unit.copy(),
+        )
+        self._cohorts[cohort.seq] = cohort
+        group.cohorts.append(cohort)
+        group.matrix = np.vstack([group.matrix, unit[np.newaxis, :]])
+        group.full = np.append(group.full, self.max_members <= 1)
+        return cohort
+
+    def _evict(self, cohort: Cohort, *, counter: str = "evicted") -> None:
+        key = (cohort.topic, cohort.centroid.size)
+        group = self._groups[key]
+        i = group.cohorts.index(cohort)
+        del group.cohorts[i]
+        group.matrix = np.delete(group.matrix, i, axis=0)
+        group.full = np.delete(group.full, i)
+        if not group.cohorts:
+            del self._groups[key]
+        del self._cohorts[cohort.seq]
+        for pid in cohort.members:
+            self._index.pop(pid, None)
+        self._counts[counter] += 1
+
+    # -- emitting ----------------------------------------------------------------
+
+    def ready(self, now_ms: int) -> list[SynthesisDraft]:
+        interval_ms = self.settings.interval * 1000
+        drafts = []
+        for cohort in list(self._cohorts.values()):
+            if cohort.new == 0 or cohort.cases < self.settings.min_cohort:
+                continue
+            if cohort.waiting_since_ms is None:
+                cohort.waiting_since_ms = now_ms
+            due = (cohort.new >= self.settings.min_new
+                   or now_ms - cohort.waiting_since_ms >= interval_ms)
+            if not due:
+                continue
+            drafts.append(self._draft(cohort))
+            cohort.new = 0
+            cohort.waiting_since_ms = None
+            cohort.drafts += 1
+        self._counts["drafts"] += len(drafts)
+        return drafts
+
+    def _draft(self, cohort: Cohort) -> SynthesisDraft:
+        eps = self.settings.epsilon
+        aggregate = noisy_aggregate(cohort.aggregate, epsilon=eps, rng=self._rng,
+                                    ranges=self.ranges)
+        n = noisy_count(cohort.cases, eps, self._rng, minimum=1)
+        origins = noisy_count(len(cohort.origins), eps, self._rng, minimum=1)
+        encoded = encode_aggregate(aggregate, n=n, packets=len(cohort.members), origins=origins)
+        self._counts["fields_dropped"] += len(encoded.dropped)
+        parents, digest = bounded_parents(cohort.members, self.settings.max_parents)
+        return SynthesisDraft(
+            topic=cohort.topic,
+            centroid=tuple(float(x) for x in cohort.centroid),
+            outcome=encoded.outcome,
+            n=n,
+            parents=parents,
+            parents_digest=digest,
+            series=cohort.series,
+            generation=cohort.generation + 1,
+            expires_ms=cohort.expires_ms,
+        )
+
+    # -- upkeep ------------------------------------------------------------------
+
+    def forget(self, now_ms: int) -> int:
+        """Drop cohorts all of whose members expired; returns how many."""
+        gone = [c for c in self._cohorts.values() if c.expires_ms <= now_ms]
+        for cohort in gone:
+            self._evict(cohort, counter="expired")
+        return len(gone)
+
+    def cohorts(self) -> list[Cohort]:
+        """The live cohorts, oldest first (for inspection and tests)."""
+        return list(self._cohorts.values())
+
+    def statistics(self) -> dict[str, int]:
+        return {**self._counts, "cohorts": len(self._cohorts), "members": len(self._index)}
+
+
+def _options(options: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(_OPTION_DEFAULTS))
+    if unknown:
+        raise SynthesizerError(
+            f"cohort synthesizer option {unknown[0]!r} is unknown; "
+            f"known: {', '.join(sorted(_OPTION_DEFAULTS))}"
+        )
+    opts = {**_OPTION_DEFAULTS, **options}
+    for name in ("max_members", "max_cohorts_per_topic", "max_cohorts"):
+        value = opts[name]
+        if type(value) is not int or value < 1:
+            raise SynthesizerError(f"cohort synthesizer option {name}: must be an int >= 1")
+    if not isinstance(opts["include_syntheses"], bool):
+        raise SynthesizerError("cohort synthesizer option include_syntheses: must be a bool")
+    ranges: dict[str, tuple[float, float]] = {}
+    raw = opts["ranges"]
+    if not isinstance(raw, Mapping):
+        raise SynthesizerError("cohort synthesizer option ranges: must map field -> [lo, hi]")
+    for name, pair in raw.items():
+        ok = (isinstance(pair, list | tuple) and len(pair) == 2
+              and all(isinstance(x, int | float) and not isinstance(x, bool)
+                      and math.isfinite(x) for x in pair)
+              and pair[0] <= pair[1])
+        if not ok:
+            raise SynthesizerError(
+                f"cohort synthesizer option ranges.{name}: must be [lo, hi] with lo <= hi"
+            )
+        ranges[str(name)] = (float(pair[0]), float(pair[1]))
+    opts["ranges"] = ranges
+    return opts

@@ -1,0 +1,215 @@
+"""`qisd run` as an operator and an application see it: three daemons on loopback
+driven only through the CLI, readiness and shutdown over sd_notify, restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from daemon_helpers import Daemon, cli, cli_json
+
+pytestmark = pytest.mark.slow
+
+VEC_A = [0.9, 0.1, 0.3, -0.2, 0.5, 0.05, -0.4, 0.2]
+VEC_B = [-0.5, 0.7, -0.1, 0.6, -0.3, 0.2, 0.1, -0.6]
+
+
+def emit(d: Daemon, topic: str, vector: list[float], **outcome: object) -> str:
+    args = ["emit", "--topic", topic, "--vector", json.dumps(vector)]
+    for k, v in outcome.items():
+        args += ["--outcome", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    out = cli_json(*args, socket_path=d.socket)
+    assert len(out["id"]) == 32
+    return str(out["id"])
+
+
+def test_three_daemons_emit_query_watch_restart(workdir: Path, daemons: list[Daemon]) -> None:
+    a = Daemon(workdir, "a").start()
+    daemons.append(a)
+    b = Daemon(workdir, "b", bootstrap=[a.address]).start()
+    c = Daemon(workdir, "c", bootstrap=[a.address]).start()
+    daemons += [b, c]
+
+    status = a.status
+    for field in ("node_id", "listen", "peers", "packets", "metrics", "version"):
+        assert field in status
+    assert status["metrics"].startswith("http://127.0.0.1:")
+    assert len(status["node_id"]) == 40
+
+    # B watches the topic; the stream starts with nothing and prints JSON lines.
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "qisd", "watch", "--topic", "icu", "--json",
+         "--socket", str(b.socket)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        # Wait until everyone knows everyone (bootstrap lookups done).
+        for d in (a, b, c):
+            _wait_peers(d, 2)
+
+        pid = emit(a, "icu", VEC_A, survived=True, los_days=4.5)
+        result = cli_json("query", "--topic", "icu", "--vector", json.dumps(VEC_A), "-k", "5",
+                          socket_path=c.socket)
+        assert set(result) == {"matches", "answer"}
+        ids = [m["id"] for m in result["matches"]]
+        assert pid in ids
+        match = result["matches"][ids.index(pid)]
+        assert set(match) >= {"id", "similarity", "outcome", "n", "origin", "kind"}
+        assert match["outcome"] == {"survived": True, "los_days": 4.5}
+        assert match["similarity"] > 0.99
+        assert match["origin"] == a.status["public_key"]
+
+        # A packet emitted on C reaches B's watch.
+        pid_c = emit(c, "icu", VEC_B, survived=False)
+        assert watch.stdout is not None
+        seen = _read_until(watch, pid_c)
+        assert seen["topic"] == "icu" and seen["outcome"] == {"survived": False}
+    finally:
+        watch.terminate()
+        watch.communicate(timeout=10)
+
+    # SIGTERM: each exits 0 within the grace period, having said STOPPING=1.
+    for d in (a, b, c):
+        assert d.stop() == 0
+    # Restart A: its stored packets are still there.
+    a2 = Daemon(workdir, "a").start()
+    daemons.append(a2)
+    packets = cli_json("packets", "--topic", "icu", socket_path=a2.socket)["packets"]
+    assert pid in {p["id"] for p in packets}
+    assert a2.status["node_id"] == status["node_id"]
+    assert a2.stop() == 0
+
+
+def _wait_peers(d: Daemon, n: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cli_json("status", socket_path=d.socket)["peers"] >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{d.name} did not find {n} peers")
+
+
+def _read_until(proc: subprocess.Popen[str], packet_id: str, timeout: float = 30.0) -> dict:
+    """Read JSON lines from ``proc`` until one is the packet; a thread does the
+    blocking reads (select() on a buffered text pipe misses lines already buffered)."""
+    import queue
+    import threading
+
+    assert proc.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            break
+        if not line:
+            break
+        event = json.loads(line)
+        if event.get("id") == packet_id:
+            return dict(event)
+    raise AssertionError(f"watch never printed {packet_id}")
+
+
+def test_sd_notify_ready_then_stopping(workdir: Path, daemons: list[Daemon]) -> None:
+    d = Daemon(workdir, "n").start()
+    daemons.append(d)
+    assert any(m.startswith("READY=1") for m in d.messages)
+    assert d.proc is not None
+    d.proc.send_signal(15)
+    d.wait_for("STOPPING=1")
+    assert d.proc.wait(timeout=20) == 0
+    ready = next(i for i, m in enumerate(d.messages) if "READY=1" in m)
+    stopping = next(i for i, m in enumerate(d.messages) if "STOPPING=1" in m)
+    assert ready < stopping
+
+
+def test_second_daemon_on_same_state_dir_or_socket_fails(
+    workdir: Path, daemons: list[Daemon]
+) -> None:
+    first = Daemon(workdir, "one").start()
+    daemons.append(first)
+    same_state = subprocess.run(
+        [sys.executable, "-m", "qisd", "run", "--state-dir", str(first.state_dir),
+         "--socket", str(workdir / "other.sock"), "--listen", "127.0.0.1:0", "--metrics", "off"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert same_state.returncode != 0
+    assert "another qisd" in same_state.stderr and str(first.state_dir) in same_state.stderr
+    same_socket = subprocess.run(
+        [sys.executable, "-m", "qisd", "run", "--state-dir", str(workdir / "two"),
+         "--socket", str(first.socket), "--listen", "127.0.0.1:0", "--metrics", "off"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert same_socket.returncode != 0
+    assert str(first.socket) in same_socket.stderr
+    # The first one is unharmed.
+    assert cli_json("status", socket_path=first.socket)["node_id"] == first.status["node_id"]
+
+
+def test_stale_socket_file_is_replaced(workdir: Path, daemons: list[Daemon]) -> None:
+    d = Daemon(workdir, "s").start()
+    daemons.append(d)
+    assert d.proc is not None
+    d.kill()  # SIGKILL leaves the socket file behind
+    assert d.socket.exists()
+    d2 = Daemon(workdir, "s").start()
+    daemons.append(d2)
+    assert d2.status["node_id"] == d.status["node_id"]
+
+
+def test_cli_without_daemon_says_so(workdir: Path) -> None:
+    sock = workdir / "nobody.sock"
+    proc = cli("status", socket_path=sock, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(sock) in lines[0] and "qisd run" in lines[0]
+
+
+def test_bulk_emit_file_reports_each_bad_line(workdir: Path, daemons: list[Daemon]) -> None:
+    d = Daemon(workdir, "bulk").start()
+    daemons.append(d)
+    lines = [
+        json.dumps({"topic": "t", "vector": [1, 0, 0], "outcome": {"ok": True}}),
+        "{not json",
+        json.dumps({"topic": "t", "vector": [0, 0, 0], "outcome": {"ok": True}}),
+        json.dumps({"topic": "t", "vector": [0, 1, 0], "outcome": {"ok": False}, "n": 3}),
+    ]
+    path = workdir / "cases.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    proc = cli("emit", "--file", str(path), socket_path=d.socket, check=False)
+    assert proc.returncode == 1
+    assert "accepted=2" in proc.stdout + proc.stderr
+    assert "rejected=2" in proc.stdout + proc.stderr
+    assert "line 2" in proc.stderr and "line 3" in proc.stderr
+    assert "zero length" in proc.stderr
+    assert cli_json("status", socket_path=d.socket)["packets"] == 2
+
+
+def test_bad_input_is_named(workdir: Path, daemons: list[Daemon]) -> None:
+    d = Daemon(workdir, "bad").start()
+    daemons.append(d)
+    proc = cli("emit", "--topic", "t", "--vector", "[1, NaN]", "--outcome", "x=1",
+               socket_path=d.socket, check=False)
+    assert proc.returncode != 0 and "vector" in proc.stderr
+    proc = cli("emit", "--topic", "t", "--vector", "[1, 2]", "--outcome", "x",
+               socket_path=d.socket, check=False)
+    assert proc.returncode != 0 and "outcome" in proc.stderr
+    proc = cli("query", "--topic", "t", "--vector", "not-a-list", socket_path=d.socket,
+               check=False)
+    assert proc.returncode != 0 and "vector" in proc.stderr
+    assert os.path.exists(d.socket)
+    assert cli_json("status", socket_path=d.socket)["packets"] == 0

@@ -1,0 +1,82 @@
+"""The metrics endpoint of a running daemon, scraped over real HTTP and parsed."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from daemon_helpers import Daemon, cli_json
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def total(samples: dict, name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def test_counters_move_after_emits_and_queries(workdir: Path, daemons: list[Daemon]) -> None:
+    a = Daemon(workdir, "ma").start()
+    daemons.append(a)
+    b = Daemon(workdir, "mb", bootstrap=[a.address]).start()
+    daemons.append(b)
+    url = a.status["metrics"]
+    before = scrape(url)
+    assert value(before, "qisd_build_info", version="0.1.0",
+                 swarm=a.status["swarm"][:16]) == 1.0
+    for i in range(3):
+        cli_json("emit", "--topic", "m", "--vector", json.dumps([1.0, i, 0.5]),
+                 "--outcome", f"y={i}", socket_path=a.socket)
+    cli_json("query", "--topic", "m", "--vector", "[1, 1, 0.5]", socket_path=a.socket)
+    after = scrape(url)
+
+    def moved(name: str) -> float:
+        return value(after, name) - value(before, name)
+
+    assert moved("qisd_packets_emitted_total") == 3
+    assert moved("qisd_queries_total") == 1
+    assert value(after, "qisd_stored_packets") >= 3
+    assert value(after, "qisd_stored_bytes") > 0
+    assert value(after, "qisd_peers") >= 1
+    assert total(after, "qisd_rpc_total") > total(before, "qisd_rpc_total")
+    assert value(after, "qisd_control_requests_total", method="emit", result="ok") >= 3
+    assert value(after, "qisd_control_requests_total", method="query", result="ok") >= 1
+    assert moved("qisd_network_sent_bytes_total") > 0
+    assert value(after, "qisd_lookup_duration_seconds_count") > 0
+    assert total(after, "qisd_rpc_duration_seconds_count") > 0
+    # A bootstrapped node records when it last joined.
+    b_metrics = scrape(b.status["metrics"])
+    assert value(b_metrics, "qisd_bootstrap_last_success_timestamp_seconds") > 1.7e9
+    # Everything is named by the conventions: qisd_ prefix, no per-peer labels.
+    for name, labels in after:
+        assert name.startswith("qisd_"), name
+        assert not {"peer", "address", "node_id"} & {k for k, _ in labels}
+
+
+def test_unknown_path_is_404(workdir: Path, daemons: list[Daemon]) -> None:
+    d = Daemon(workdir, "m404").start()
+    daemons.append(d)
+    base = d.status["metrics"].rsplit("/", 1)[0]
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(base + "/nope", timeout=10)
+    assert info.value.code == 404
+    info.value.close()

@@ -1,0 +1,236 @@
+"""A few real nodes on 127.0.0.1 (UDP, port 0): base RPCs, packets, state, listen."""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+from dht_helpers import eventually, make_packet, member, vector
+
+from qisd.dht import DHTConfig, open_node
+from qisd.dht.state import FILE_NAME
+from qisd.fingerprint import keys_for
+from qisd.identity import Identity
+from qisd.manifest import DEFAULT_MANIFEST, Manifest
+from qisd.packet import PacketError
+from qisd.sketch import make_sketch
+
+
+async def test_ping_find_set_get_and_statistics(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with (
+            member(Identity.generate(), tmp_path / "a") as a,
+            member(Identity.generate(), tmp_path / "b") as b,
+            member(Identity.generate(), tmp_path / "c") as c,
+        ):
+            assert await b.node.ping(a.node.address) is not None
+            found = await c.node.bootstrap([a.node.address])
+            assert {n.id for n in found} == {a.node.me.id, b.node.me.id}
+            assert await a.node.set("colour", "blue")
+            assert await c.node.get("colour") == "blue"
+            assert await b.node.get("absent") is None
+            stats = a.node.statistics()
+            assert stats.peers == 2 and stats.buckets >= 1
+            assert stats.rpcs[("ping", "in", "ok")] >= 1
+            assert stats.rpcs[("find_node", "out", "ok")] >= 1
+            assert stats.bytes_in > 0 and stats.bytes_out > 0
+            assert stats.lookups >= 1 and stats.lookup_rpcs.count == stats.lookups
+            assert stats.rpc_latency["find_node"].count >= 1
+            with pytest.raises(TypeError):
+                await a.node.set("k", [1, 2])  # type: ignore[arg-type]
+
+
+async def test_single_node_stores_and_answers_its_own_queries(tmp_path: Path) -> None:
+    rng = random.Random(1)
+    ident = Identity.generate()
+    async with member(ident, tmp_path) as solo:
+        packet = make_packet(ident, rng)
+        report = await solo.node.put_packet(packet)
+        assert report.ok and all(p.local for p in report.placements)
+        assert len(report.placements) == DEFAULT_MANIFEST.tables
+        keys = [p.key for p in report.placements]
+        found = await solo.node.find_packets(keys, packet.sketch, 5)
+        assert [p.id for _, p in found] == [packet.id]
+        assert found[0][0] == pytest.approx(1.0, abs=1e-6)
+        delivery = solo.node.deliveries.receive_nowait()
+        assert delivery.packet == packet and delivery.source == "local"
+        # Other keys of the packet went to the same store: one delivery only.
+        with pytest.raises(trio.WouldBlock):
+            solo.node.deliveries.receive_nowait()
+        assert await solo.node.set("x", 1) and await solo.node.get("x") == 1
+
+
+async def test_put_refuses_inadmissible_packets(tmp_path: Path) -> None:
+    rng = random.Random(2)
+    ident = Identity.generate()
+    other = Manifest(name="other-swarm")
+    async with member(ident, tmp_path) as solo:
+        with pytest.raises(PacketError) as info:
+            await solo.node.put_packet(make_packet(ident, rng, manifest=other))
+        assert info.value.reason == "wrong_swarm"
+
+
+async def test_packets_placed_and_found_across_nodes(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    manifest = Manifest(replicas=2)
+    ids = [Identity.generate() for _ in range(5)]
+    with trio.fail_after(30):
+        async with (
+            member(ids[0], tmp_path / "0", manifest=manifest) as n0,
+            member(ids[1], tmp_path / "1", manifest=manifest) as n1,
+            member(ids[2], tmp_path / "2", manifest=manifest) as n2,
+            member(ids[3], tmp_path / "3", manifest=manifest) as n3,
+            member(ids[4], tmp_path / "4", manifest=manifest) as n4,
+        ):
+            nodes = [n0, n1, n2, n3, n4]
+            for m in nodes[1:]:
+                await m.node.bootstrap([n0.node.address])
+            packet = make_packet(ids[1], rng, manifest=manifest)
+            report = await n1.node.put_packet(packet)
+            assert report.ok
+            assert all(p.stored == 2 and p.failed == 0 for p in report.placements)
+            keys = [p.key for p in report.placements]
+            for m in nodes:
+                found = await m.node.find_packets(keys, packet.sketch, 3)
+                assert [p.id for _, p in found] == [packet.id]
+            # Responsible nodes got a delivery each time they stored a new packet.
+            delivered = sum(m.node.statistics().deliveries for m in nodes)
+            assert delivered >= 2
+
+
+async def test_store_packets_rpc_rejects_bad_packets_with_reasons(tmp_path: Path) -> None:
+    rng = random.Random(4)
+    ident = Identity.generate()
+    async with member(ident, tmp_path / "a") as a, member(Identity.generate(), tmp_path / "b") as b:
+        good = make_packet(ident, rng)
+        foreign = make_packet(ident, rng, manifest=Manifest(name="elsewhere"))
+        tampered = bytearray(make_packet(ident, rng).encoded)
+        tampered[-1] ^= 1
+        key = b"\x07" * 20
+        ok, reply = await b.node.transport.call(
+            a.node.address,
+            "store_packets",
+            [b.node.me.id, key, [good.encoded, foreign.encoded, bytes(tampered), b"junk"]],
+        )
+        assert ok and reply["nodes"] == []  # a knows no node closer than itself but b
+        assert reply["status"] == [
+            "stored",
+            "rejected:wrong_swarm",
+            "rejected:bad_signature",
+            "rejected:malformed",
+        ]
+        ok, again = await b.node.transport.call(
+            a.node.address, "store_packets", [b.node.me.id, key, [good.encoded]]
+        )
+        assert ok and again["status"] == ["duplicate"]
+
+
+async def test_find_packets_pages_past_one_datagram(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    ident = Identity.generate()
+    key = b"\x33" * 20
+    base = vector(rng)
+    packets = [
+        make_packet(ident, rng, vec=[x + rng.gauss(0, 0.3) for x in base], outcome={"s": "x" * 60})
+        for _ in range(70)
+    ]
+    async with member(ident, tmp_path / "a") as a, member(Identity.generate(), tmp_path / "b") as b:
+        await b.node.bootstrap([a.node.address])
+        placement = await a.node.packets.place(key, packets)
+        assert placement.stored >= 1
+        query = make_sketch(base)
+        found = await b.node.find_packets([key], query, 70)
+        # Far more than fit one 8 KiB reply, and more than one request may ask for.
+        assert len(found) == 70
+        assert [s for s, _ in found] == sorted((s for s, _ in found), reverse=True)
+        top5 = await b.node.find_packets([key], query, 5)
+        assert [p.id for _, p in top5] == [p.id for _, p in found[:5]]
+
+
+async def test_state_file_restores_contacts(tmp_path: Path) -> None:
+    ida, idb = Identity.generate(), Identity.generate()
+    async with member(ida, tmp_path / "a") as a:
+        port = a.node.address[1]
+        async with member(idb, tmp_path / "b") as b:
+            await b.node.bootstrap([a.node.address])
+        saved = msgpack.unpackb((tmp_path / "b" / FILE_NAME).read_bytes(), raw=False)
+        assert [c[0] for c in saved["contacts"]] == [ida.node_id]
+        async with member(idb, tmp_path / "b") as b2:
+            # Known from the file before any bootstrap.
+            assert b2.node.table.get(ida.node_id) is not None
+            assert b2.node.table.get(ida.node_id).port == port  # type: ignore[union-attr]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / FILE_NAME).write_bytes(b"\x92not state")
+    async with member(Identity.generate(), tmp_path / "c") as c:  # corrupt file: ignored
+        assert len(c.node.table) == 0
+
+
+async def test_listen_and_notify(tmp_path: Path) -> None:
+    rng = random.Random(6)
+    ida, idb = Identity.generate(), Identity.generate()
+    async with member(ida, tmp_path / "a") as a, member(idb, None, with_store=False) as b:
+        await b.node.bootstrap([a.node.address])
+        key = b"\x44" * 20
+        assert await b.node.listen(key, 60) == 1
+        packet = make_packet(ida, rng)
+        await a.node.packets.place(key, [packet])
+        with trio.fail_after(5):
+            delivery = await b.node.deliveries.receive()
+        assert delivery.source == "notify" and delivery.packet == packet and delivery.key == key
+        b.node.unlisten(key)
+        ok, statuses = await a.node.transport.call(
+            b.node.address, "notify", [a.node.me.id, key, [packet.encoded]]
+        )
+        assert ok and statuses == ["rejected:not_subscribed"]
+
+
+async def test_handoff_spreads_packets_when_peers_appear(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    ida = Identity.generate()
+    manifest = Manifest(replicas=1, tables=2)
+    async with member(ida, tmp_path / "a", manifest=manifest) as a:
+        packets = [make_packet(ida, rng, manifest=manifest) for _ in range(6)]
+        for p in packets:
+            assert (await a.node.put_packet(p)).ok
+        async with member(Identity.generate(), tmp_path / "b", manifest=manifest) as b:
+            await b.node.bootstrap([a.node.address])
+            await eventually(lambda: a.node.statistics().handoffs > 0)
+            # b now holds the keys it is closer to; a query from b finds everything.
+            for p in packets:
+                keys = keys_for(manifest, p.topic, p.sketch.to_array())
+                found = await b.node.find_packets(keys, p.sketch, 1)
+                assert found and found[0][1] == p
+            held = b.store.keys(a.node.wall_ms())
+            assert held, "nothing was handed to the closer node"
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_ipv6_nodes(tmp_path: Path) -> None:
+    async with (
+        open_node(Identity.generate(), host="::1") as a,
+        open_node(Identity.generate(), host="::1") as b,
+    ):
+        assert ":" in a.address[0]
+        found = await b.bootstrap([a.address])
+        assert [n.id for n in found] == [a.me.id]
+        assert await b.set("v6", "yes") and await a.get("v6") == "yes"
+
+
+async def test_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="ksize"):
+        DHTConfig(ksize=0)
+    with pytest.raises(ValueError, match="alpha"):
+        DHTConfig(ksize=2, alpha=3)

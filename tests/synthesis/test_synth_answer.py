@@ -1,0 +1,126 @@
+"""The query answer: weighted estimates, support, and no case counted twice."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from synth_helpers import KEYS, NOW_MS, SWARM, direction, near, obs, sign_draft
+
+from qisd.answer import answer_query, match_summary
+from qisd.packet import KIND_SYNTHESIS, OutcomePacket, create_packet
+from qisd.sketch import make_sketch
+from qisd.synthesis import CohortSynthesizer, SynthesizerSettings
+
+
+def test_hand_made_observations() -> None:
+    a = obs(direction(1), {"survived": True, "los": 4.0, "ward": "icu"}, n=2, key=KEYS[0])
+    b = obs(direction(2), {"survived": False, "los": 8.0}, n=4, key=KEYS[1])
+    c = obs(direction(3), {"survived": False, "los": 100.0}, n=9, key=KEYS[2])
+    answer = answer_query([(1.0, a), (0.5, b), (-0.3, c)], k=10)
+    fields = answer["fields"]
+    # weights: a 1.0*2 = 2, b 0.5*4 = 2, c clamped to 0 (left out)
+    assert fields["survived"] == {
+        "type": "categorical", "value_type": "bool",
+        "probabilities": {"false": 0.5, "true": 0.5}, "cases": 6, "weight": 4.0,
+    }
+    assert fields["los"]["type"] == "numeric"
+    assert math.isclose(fields["los"]["mean"], 6.0) and math.isclose(fields["los"]["sd"], 2.0)
+    assert fields["los"]["cases"] == 6
+    assert fields["ward"]["probabilities"] == {"icu": 1.0} and fields["ward"]["cases"] == 2
+    assert answer["support"]["cases"] == 6 and answer["support"]["packets"] == 2
+    assert answer["support"]["origins"] == 2
+    json.dumps(answer)  # JSON-friendly throughout
+
+
+def test_k_limits_the_matches_and_duplicates_count_once() -> None:
+    a = obs(direction(1), {"x": 1.0}, n=1)
+    b = obs(direction(2), {"x": 3.0}, n=1)
+    answer = answer_query([(0.9, a), (0.9, a), (0.8, b)], k=1)
+    assert answer["fields"]["x"]["mean"] == 1.0 and answer["support"]["packets"] == 1
+    assert answer_query([(0.9, a)], k=0)["fields"] == {}
+    with pytest.raises(ValueError, match="k"):
+        answer_query([], k=-1)
+
+
+def cohort_and_synthesis(count: int = 6, max_parents: int = 16) -> tuple[
+        list[OutcomePacket], OutcomePacket]:
+    synth = CohortSynthesizer(SynthesizerSettings(min_cohort=5, max_parents=max_parents))
+    rng = np.random.default_rng(0)
+    members = [obs(near(direction(1), rng), {"survived": i % 3 != 0, "los": float(i)},
+                   n=2, key=KEYS[i % 4]) for i in range(count)]
+    for p in members:
+        synth.consume(p)
+    (draft,) = synth.ready(NOW_MS)
+    return members, sign_draft(draft)
+
+
+def test_synthesis_and_its_parents_are_not_double_counted() -> None:
+    members, synthesis = cohort_and_synthesis()
+    other = obs(direction(9), {"survived": False, "los": 20.0}, n=3, key=KEYS[5])
+    matches = [(0.95, members[0]), (0.93, members[1]), (0.9, synthesis), (0.92, members[2]),
+               (0.5, other)]
+    answer = answer_query(matches, k=10)
+    support = answer["support"]
+    assert support["cases"] == 12 + 3  # the synthesis's 12 cases and the other's 3
+    assert support["covered"] == 3 and support["syntheses"] == 1
+    assert support["observations"] == 1 and support["packets"] == 6 + 1
+    assert support["origins"] == 4
+    # Expected: the synthesis weighted 0.9 (12 cases: 8 true, 4 false), other 0.5*3.
+    surv = answer["fields"]["survived"]
+    true_w, false_w = 0.9 * 8, 0.9 * 4 + 0.5 * 3
+    assert math.isclose(surv["probabilities"]["true"], true_w / (true_w + false_w))
+    assert surv["cases"] == 15
+    los_values = [float(i) for i in range(6)]
+    mean = (0.9 * 2 * sum(los_values) + 1.5 * 20.0) / (0.9 * 12 + 1.5)
+    assert math.isclose(answer["fields"]["los"]["mean"], mean)
+    # The same evidence without the synthesis: the raw members count instead.
+    raw = answer_query([(0.95, m) for m in members], k=10)
+    assert raw["support"]["cases"] == 12 and raw["support"]["covered"] == 0
+
+
+def test_digested_parents_cannot_be_matched() -> None:
+    members, synthesis = cohort_and_synthesis(count=6, max_parents=4)
+    assert len(synthesis.parents) == 1
+    answer = answer_query([(0.9, synthesis), (0.9, members[0])], k=10)
+    assert answer["support"]["covered"] == 0 and answer["support"]["cases"] == 12 + 2
+
+
+def test_older_versions_and_overlapping_syntheses_are_left_out() -> None:
+    members, synthesis = cohort_and_synthesis()
+    synth = CohortSynthesizer(SynthesizerSettings(min_cohort=5))
+    for p in members:
+        synth.consume(p)
+    (draft,) = synth.ready(NOW_MS)
+    # Another node synthesised the same members: it overlaps and is left out.
+    other_node = sign_draft(draft, key=KEYS[6])
+    # An older version of the same series by the first node: superseded.
+    older = create_packet(
+        KEYS[7], swarm=SWARM, topic="t", sketch=synthesis.sketch, n=10, ttl_s=60,
+        kind=KIND_SYNTHESIS, outcome={"_packets": 5, "_origins": 3, "los.mean": 1.0,
+                                      "los.sd": 0.0},
+        series=synthesis.series, parents=synthesis.parents[:5],
+        created_ms=synthesis.created_ms - 1000,
+    )
+    answer = answer_query([(0.9, synthesis), (0.9, other_node), (0.95, older)], k=10)
+    support = answer["support"]
+    assert support["syntheses"] == 1 and support["overlapping"] == 1
+    assert support["superseded"] == 1 and support["cases"] == 12
+
+
+def test_foreign_synthesis_encodings_are_counted_not_used() -> None:
+    foreign = create_packet(KEYS[0], swarm=SWARM, topic="t", sketch=make_sketch([1.0, 0.0]),
+                            n=10, ttl_s=60, kind=KIND_SYNTHESIS, outcome={"label": "x"})
+    answer = answer_query([(0.9, foreign)], k=5)
+    assert answer["support"]["undecodable"] == 1 and answer["fields"] == {}
+
+
+def test_match_summary_shape() -> None:
+    p = obs(direction(1), {"ok": True}, n=3, key=KEYS[2])
+    summary = match_summary(np.float64(0.875), p)
+    assert summary == {"id": p.id.hex(), "similarity": 0.875, "outcome": {"ok": True},
+                       "n": 3, "origin": p.origin.hex(), "kind": "observation"}
+    assert type(summary["similarity"]) is float
+    json.dumps(summary)

@@ -1,0 +1,206 @@
+"""The default synthesizer: cohorts, the privacy floor, re-emission, caps, noise."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+
+import numpy as np
+import pytest
+from synth_helpers import KEYS, NOW_MS, direction, near, obs, sign_draft
+
+from qisd.synthesis import (
+    CohortSynthesizer,
+    SynthesisDraft,
+    SynthesizerError,
+    SynthesizerSettings,
+    decode_outcome,
+)
+from qisd.synthesis.base import PARENTS_CONTEXT, bounded_parents, series_id
+
+
+def settings(**kw: object) -> SynthesizerSettings:
+    base: dict[str, object] = {"min_cohort": 5, "similarity": 0.9, "salt": b"node"}
+    base.update(kw)
+    return SynthesizerSettings(**base)  # type: ignore[arg-type]
+
+
+def feed_cluster(synth: CohortSynthesizer, seed: int, count: int, *, n: int = 1,
+                 outcome: dict[str, object] | None = None, topic: str = "t") -> list[bytes]:
+    rng = np.random.default_rng(seed + 1000)
+    base = direction(seed)
+    ids = []
+    for i in range(count):
+        row = outcome or {"survived": i % 4 != 0, "los": float(i)}
+        p = obs(near(base, rng), row, n=n, key=KEYS[i % 3], topic=topic)  # type: ignore[arg-type]
+        synth.consume(p)
+        ids.append(p.id)
+    return ids
+
+
+def test_similar_packets_share_a_cohort_dissimilar_do_not() -> None:
+    synth = CohortSynthesizer(settings())
+    a = feed_cluster(synth, 1, 6)
+    b = feed_cluster(synth, 2, 7)
+    cohorts = synth.cohorts()
+    assert [sorted(c.members) for c in cohorts] == [sorted(a), sorted(b)]
+    drafts = synth.ready(NOW_MS)
+    assert len(drafts) == 2
+    first, second = drafts
+    assert (first.n, second.n) == (6, 7)
+    assert first.parents == tuple(sorted(a)) and not first.parents_digest
+    assert first.generation == 1 and first.topic == "t"
+    assert math.isclose(float(np.linalg.norm(first.centroid)), 1.0)
+    assert float(np.dot(first.centroid, direction(1))) > 0.95
+    assert first.series == series_id(b"node", "t", a[0]) != second.series
+    dec = decode_outcome(first.outcome, first.n)
+    assert (dec.packets, dec.origins) == (6, 3)
+    surv = dec.aggregate.get("survived")
+    assert surv is not None and surv.labels.counts == {True: 4, False: 2}
+    los = dec.aggregate.get("los")
+    assert los is not None and math.isclose(los.numbers.mean, 2.5)
+    assert math.isclose(los.numbers.variance, float(np.var(np.arange(6.0))))
+    # A signed draft is a valid synthesis packet.
+    packet = sign_draft(first)
+    assert packet.kind == "synthesis" and packet.parents == first.parents
+
+
+def test_topics_are_kept_apart() -> None:
+    synth = CohortSynthesizer(settings())
+    feed_cluster(synth, 1, 5, topic="a")
+    feed_cluster(synth, 1, 5, topic="b")
+    assert sorted(d.topic for d in synth.ready(NOW_MS)) == ["a", "b"]
+
+
+def test_cohort_below_minimum_yields_nothing() -> None:
+    synth = CohortSynthesizer(settings(min_cohort=5))
+    feed_cluster(synth, 1, 4)
+    assert synth.ready(NOW_MS) == []
+    feed_cluster(synth, 1, 1, n=1)  # the fifth case
+    assert len(synth.ready(NOW_MS)) == 1
+    # n counts cases, not packets: two packets of 3 cases make a cohort.
+    synth2 = CohortSynthesizer(settings(min_cohort=5))
+    feed_cluster(synth2, 7, 2, n=3)
+    assert [d.n for d in synth2.ready(NOW_MS)] == [6]
+
+
+def test_second_pass_without_input_emits_nothing_and_new_input_supersedes() -> None:
+    synth = CohortSynthesizer(settings())
+    feed_cluster(synth, 1, 5)
+    (draft,) = synth.ready(NOW_MS)
+    assert synth.ready(NOW_MS + 1) == []
+    assert synth.ready(NOW_MS + 60_000) == []
+    feed_cluster(synth, 1, 2)
+    (again,) = synth.ready(NOW_MS + 2)
+    assert again.series == draft.series and again.n == 7
+    assert synth.statistics()["drafts"] == 2
+
+
+def test_duplicate_deliveries_count_once() -> None:
+    synth = CohortSynthesizer(settings())
+    p = obs(direction(1), {"x": 1.0}, n=5)
+    for _ in range(3):
+        synth.consume(p)
+    (draft,) = synth.ready(NOW_MS)
+    assert draft.n == 5 and synth.statistics()["duplicates"] == 2
+
+
+def test_min_new_and_interval() -> None:
+    synth = CohortSynthesizer(settings(min_new=3, interval=10.0))
+    feed_cluster(synth, 1, 5)
+    assert len(synth.ready(NOW_MS)) == 1
+    feed_cluster(synth, 1, 1)
+    assert synth.ready(NOW_MS + 1000) == []  # 1 new < min_new, interval starts now
+    assert synth.ready(NOW_MS + 5000) == []
+    assert len(synth.ready(NOW_MS + 11_000)) == 1  # interval elapsed with new data
+
+
+def test_generation_capped_packets_and_syntheses_are_ignored() -> None:
+    synth = CohortSynthesizer(settings())
+    feed_cluster(synth, 1, 5)
+    (draft,) = synth.ready(NOW_MS)
+    synth.consume(sign_draft(draft))  # generation 1 == cap: never consumed
+    assert synth.statistics()["skipped_generation"] == 1
+    assert synth.ready(NOW_MS) == []
+    # With a higher cap, syntheses still stay out unless asked for.
+    synth2 = CohortSynthesizer(settings(max_generation=2))
+    synth2.consume(sign_draft(draft))
+    assert synth2.statistics()["skipped_synthesis"] == 1
+    synth3 = CohortSynthesizer(settings(max_generation=2,
+                                        options={"include_syntheses": True}))
+    synth3.consume(sign_draft(draft))
+    (second,) = synth3.ready(NOW_MS)
+    assert second.generation == 2 and second.n == draft.n
+
+
+def test_parents_become_a_digest_when_too_many() -> None:
+    synth = CohortSynthesizer(settings(max_parents=4))
+    ids = feed_cluster(synth, 1, 6)
+    (draft,) = synth.ready(NOW_MS)
+    assert draft.parents_digest and len(draft.parents) == 1
+    assert draft.parents == bounded_parents(ids, 4)[0]
+    expected = hashlib.blake2b(PARENTS_CONTEXT + b"".join(sorted(ids)), digest_size=16).digest()
+    assert draft.parents == (expected,)
+    dec = decode_outcome(draft.outcome, draft.n)
+    assert dec.packets == 6 != len(draft.parents)  # readers can tell it is a digest
+
+
+def test_memory_bounds() -> None:
+    synth = CohortSynthesizer(settings(options={"max_members": 4, "max_cohorts_per_topic": 3}))
+    feed_cluster(synth, 1, 10)
+    sizes = [len(c.members) for c in synth.cohorts()]
+    assert sizes == [4, 4, 2]  # full cohorts take no more; a fresh one opens beside
+    assert len({c.series for c in synth.cohorts()}) == 3
+    feed_cluster(synth, 2, 1)  # a fourth cohort evicts the least recently updated
+    assert len(synth.cohorts()) == 3 and synth.statistics()["evicted"] == 1
+    assert synth.statistics()["members"] == sum(len(c.members) for c in synth.cohorts())
+
+
+def test_forget_drops_expired_cohorts() -> None:
+    synth = CohortSynthesizer(settings())
+    feed_cluster(synth, 1, 5)
+    expires = synth.cohorts()[0].expires_ms
+    assert synth.forget(expires - 1) == 0
+    assert synth.forget(expires) == 1
+    assert synth.cohorts() == [] and synth.statistics()["members"] == 0
+
+
+def noisy_draft(epsilon: float, seed: int) -> SynthesisDraft:
+    synth = CohortSynthesizer(
+        settings(epsilon=epsilon, options={"ranges": {"los": [0, 20]}}),
+        rng=random.Random(seed),
+    )
+    rng = np.random.default_rng(5)
+    base = direction(1)
+    for i in range(40):
+        synth.consume(obs(near(base, rng), {"survived": i % 4 != 0, "los": float(i % 10)},
+                          n=5, created_ms=NOW_MS + i))
+    (draft,) = synth.ready(NOW_MS)
+    return draft
+
+
+def test_epsilon_zero_is_exact_and_noise_stays_plausible() -> None:
+    exact = noisy_draft(0.0, 1)
+    assert exact == noisy_draft(0.0, 2)  # no randomness at all
+    assert exact.n == 200
+    assert exact.outcome["survived?true"] == 150 and exact.outcome["survived?false"] == 50
+    assert math.isclose(float(exact.outcome["los.mean"]), 4.5)
+    noisy = [noisy_draft(1.0, seed) for seed in range(8)]
+    assert any(d.outcome != exact.outcome for d in noisy)
+    for d in noisy:
+        assert abs(d.n - 200) <= 25 and d.n >= 1
+        assert abs(int(d.outcome["survived?true"]) - 150) <= 25
+        assert all(v >= 0 for k, v in d.outcome.items() if isinstance(v, int))
+        mean = float(d.outcome["los.mean"])
+        assert 0 <= mean <= 20 and abs(mean - 4.5) < 2
+        assert d.series == exact.series and d.parents == exact.parents
+
+
+def test_bad_options_are_named() -> None:
+    with pytest.raises(SynthesizerError, match="'colour'"):
+        CohortSynthesizer(settings(options={"colour": 1}))
+    with pytest.raises(SynthesizerError, match=r"ranges\.los"):
+        CohortSynthesizer(settings(options={"ranges": {"los": [5, 1]}}))
+    with pytest.raises(SynthesizerError, match="similarity"):
+        settings(similarity=1.5)

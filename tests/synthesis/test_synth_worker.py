@@ -1,0 +1,173 @@
+"""The synthesis worker under a mock clock: deliveries in, drafts out, catch-up."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import trio
+import trio.testing
+from synth_helpers import KEYS, NOW_MS, direction, near, obs, sign_draft
+
+from qisd.dht.api import Delivery
+from qisd.packet import OutcomePacket
+from qisd.store import PacketStore
+from qisd.synthesis import (
+    CohortSynthesizer,
+    SynthesisDraft,
+    SynthesizerSettings,
+    WorkerState,
+    run_worker,
+)
+
+INTERVAL = 2.0
+
+
+def cluster(seed: int, count: int, key_index: int = 0) -> list[OutcomePacket]:
+    rng = np.random.default_rng(seed)
+    return [obs(near(direction(seed), rng), {"ok": i % 2 == 0}, key=KEYS[key_index])
+            for i in range(count)]
+
+
+class Harness:
+    def __init__(self, *, is_primary: Callable[[OutcomePacket], bool] = lambda p: True,
+                 catch_up: Callable[[], Iterable[OutcomePacket]] | None = None,
+                 fail_publish: bool = False, interval: float = INTERVAL) -> None:
+        self.send, self.receive = trio.open_memory_channel[OutcomePacket | Delivery](64)
+        self.synth = CohortSynthesizer(SynthesizerSettings(min_cohort=5))
+        self.published: list[SynthesisDraft] = []
+        self.is_primary = is_primary
+        self.catch_up = catch_up
+        self.fail_publish = fail_publish
+        self.interval = interval
+
+    async def publish(self, draft: SynthesisDraft) -> None:
+        await trio.sleep(0.01)  # like a DHT put, it takes time
+        if self.fail_publish:
+            raise RuntimeError("no peers")
+        self.published.append(draft)
+
+    async def start(self, nursery: trio.Nursery) -> WorkerState:
+        state: WorkerState = await nursery.start(functools.partial(
+            run_worker, self.receive, self.synth, is_primary=self.is_primary,
+            publish=self.publish, catch_up=self.catch_up, interval=self.interval,
+            now_ms=lambda: NOW_MS,
+        ))
+        return state
+
+
+async def test_deliveries_become_published_drafts(
+        autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        state = await h.start(nursery)
+        for p in cluster(1, 5):
+            await h.send.send(p)
+        await trio.sleep(INTERVAL * 1.5)
+        assert len(h.published) == 1 and h.published[0].n == 5
+        await trio.sleep(INTERVAL * 5)  # passes with no new input emit nothing
+        assert len(h.published) == 1
+        assert state.passes >= 5
+        # Delivery records (as the DHT hands them out) work as well; one per key held.
+        extra = cluster(1, 7)[5:]
+        for p in extra:
+            await h.send.send(Delivery(key=bytes(20), packet=p, source="store"))
+            await h.send.send(Delivery(key=bytes([1]) * 20, packet=p, source="store"))
+        await trio.sleep(INTERVAL)
+        assert [d.n for d in h.published] == [5, 7]
+        assert h.published[1].series == h.published[0].series
+        stats = state.statistics()
+        assert stats.consumed == 7 and stats.duplicates == 2
+        assert stats.drafts_published == 2 and stats.cohorts == 1 and stats.backlog == 0
+        await h.send.aclose()  # the worker makes a last pass and returns
+    assert state.statistics().to_dict()["drafts_published"] == 2
+
+
+async def test_last_pass_when_the_channel_closes(
+        autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        await h.start(nursery)
+        for p in cluster(1, 6):
+            await h.send.send(p)
+        await h.send.aclose()
+    assert [d.n for d in h.published] == [6]
+    assert trio.current_time() < INTERVAL  # it did not wait for the next tick
+
+
+async def test_packets_this_node_is_not_primary_for_are_skipped(
+        autojump_clock: trio.testing.MockClock) -> None:
+    mine = bytes(KEYS[0].verify_key)
+    h = Harness(is_primary=lambda p: p.origin == mine)
+    async with trio.open_nursery() as nursery:
+        state = await h.start(nursery)
+        for p in cluster(1, 4, key_index=0) + cluster(1, 4, key_index=1):
+            await h.send.send(p)
+        await trio.sleep(INTERVAL * 1.5)
+        stats = state.statistics()
+        assert (stats.consumed, stats.skipped_not_primary) == (4, 4)
+        assert h.published == []  # 4 cases < min_cohort
+        await h.send.aclose()
+
+
+async def test_generation_capped_and_failures_are_counted(
+        autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness(fail_publish=True)
+    async with trio.open_nursery() as nursery:
+        state = await h.start(nursery)
+        packets = cluster(1, 5)
+        for p in packets:
+            await h.send.send(p)
+        await trio.sleep(INTERVAL * 1.5)
+        stats = state.statistics()
+        assert stats.publish_failures == 1 and stats.drafts_published == 0
+        synth = CohortSynthesizer(SynthesizerSettings(min_cohort=5))
+        for p in packets:
+            synth.consume(p)
+        (draft,) = synth.ready(NOW_MS)
+        await h.send.send(sign_draft(draft))
+        await trio.sleep(INTERVAL)
+        assert state.statistics().skipped_generation == 1
+        await h.send.aclose()
+
+
+async def test_catch_up_from_the_store_after_falling_behind(tmp_path: Path) -> None:
+    """Real clock: the store is read in a worker thread, and a mock clock would jump
+    while the thread runs. Waits are for worker passes, bounded by fail_after."""
+    store = PacketStore.open(tmp_path / "packets.db")
+    try:
+        packets = cluster(1, 6)
+        store.put_many([(bytes([i]) * 20, p) for i, p in enumerate(packets)], now_ms=NOW_MS)
+        reads = 0
+
+        def catch_up() -> Iterable[OutcomePacket]:
+            nonlocal reads
+            reads += 1
+            return store.iter_packets(now_ms=NOW_MS)
+
+        h = Harness(catch_up=catch_up, interval=0.05)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                state = await h.start(nursery)
+                # Two were delivered; four were dropped on a full channel (as the
+                # daemon would count them), but they are in the store.
+                for p in packets[:2]:
+                    await h.send.send(p)
+                state.mark_behind(4)
+                while not h.published:
+                    await state.wait_pass()
+                assert reads == 1 and [d.n for d in h.published] == [6]
+                stats = state.statistics()
+                assert stats.caught_up == 4 and stats.behind == 4 and stats.consumed == 6
+                for _ in range(3):
+                    await state.wait_pass()
+                assert reads == 1  # no new misses, no new catch-up
+                state.mark_behind()
+                await state.wait_pass()  # the catch-up and ready() run in one pass
+                assert reads == 2 and len(h.published) == 1  # all seen: none counted twice
+                assert state.statistics().caught_up == 4
+                await h.send.aclose()
+    finally:
+        store.close()

@@ -1,0 +1,23 @@
+"""The public surface is deliberate: this list changes only on purpose."""
+
+from __future__ import annotations
+
+import qisd
+
+PUBLIC = {
+    "DEFAULT_MANIFEST", "LSH", "AsyncClient", "Client", "ControlError", "DaemonNotRunning",
+    "Identity", "Manifest", "OutcomePacket", "PacketError", "Sketch", "__version__",
+    "create_packet", "decode_packet", "keys_for", "make_sketch", "probe_keys",
+}
+
+
+def test_public_names_are_pinned() -> None:
+    assert set(qisd.__all__) == PUBLIC
+    for name in PUBLIC:
+        assert getattr(qisd, name) is not None
+
+
+def test_version_matches_the_distribution() -> None:
+    from importlib.metadata import version
+
+    assert qisd.__version__ == version("qisd")
