@@ -19,8 +19,9 @@ def describe_startup_error(exc: BaseException) -> str | None:
         inner = [describe_startup_error(e) for e in exc.exceptions]
         known = [m for m in inner if m]
         return known[0] if known and len(known) == len(inner) else None
-    if isinstance(exc, StateDirLocked | ControlSocketInUse | ControlSocketError | IdentityError
-                  | ManifestError | StoreError):
+    known_types = (StartupError, StateDirLocked, ControlSocketInUse, ControlSocketError,
+                   IdentityError, ManifestError, StoreError)
+    if isinstance(exc, known_types):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno is not None:
         return f"{exc.strerror} ({exc.filename or 'address'})" if exc.strerror else str(exc)

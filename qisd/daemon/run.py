@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from qisd import __version__
 from qisd.config import Config
 from qisd.control.server import serve_control
 from qisd.control.stats import ControlStats
+from qisd.daemon.errors import StartupError
 from qisd.daemon.lock import StateDirLock
 from qisd.daemon.notify import Notifier
 from qisd.daemon.service import NodeService
@@ -106,13 +108,17 @@ async def _serve(
 ) -> None:
     host, port = config.node.listen_address
     watches = WatchHub()
-    async with (
-        open_node(
-            identity, manifest, store, host=host, port=port, config=dht_config(config),
-            state_dir=state_dir,
-        ) as node,
-        trio.open_nursery() as nursery,
-    ):
+    async with AsyncExitStack() as stack:
+        try:
+            node = await stack.enter_async_context(open_node(
+                identity, manifest, store, host=host, port=port, config=dht_config(config),
+                state_dir=state_dir,
+            ))
+        except OSError as exc:
+            raise StartupError(
+                f"cannot bind UDP {config.node.listen}: {exc.strerror or exc}"
+            ) from None
+        nursery = await stack.enter_async_context(trio.open_nursery())
         service = NodeService(
             config=config, ident=identity, manifest=manifest, store=store, node=node,
             watches=watches,
@@ -132,9 +138,12 @@ async def _serve(
         await nursery.start(control)
         metrics_addr = config.metrics.address
         if metrics_addr is not None:
-            service.metrics_url = await nursery.start(
-                serve_metrics, metrics_addr, service
-            )
+            try:
+                service.metrics_url = await nursery.start(serve_metrics, metrics_addr, service)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot bind metrics {config.metrics.listen}: {exc.strerror or exc}"
+                ) from None
         synth_send = await nursery.start(run_synthesis, config, service)
         nursery.start_soon(_pump_deliveries, node, watches, synth_send, service)
         if config.node.bootstrap:

@@ -8,6 +8,7 @@ returns plain JSON-ready maps: the daemon returns data, the CLI renders it.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class NodeService:
     #: Control server request counters (set by the daemon once the server starts).
     control_stats: Any = None
     _inflight: int = 0
+    _listening: Counter[bytes] = field(default_factory=Counter)
     _idle: trio.Event = field(default_factory=trio.Event)
 
     def synthesis_statistics(self) -> dict[str, int]:
@@ -306,6 +308,8 @@ class NodeService:
         async def register(key: bytes) -> None:
             granted[key] = await self.node.listen(key, ttl)
 
+        for key in keys:
+            self._listening[key] += 1
         try:
             while True:
                 async with trio.open_nursery() as nursery:
@@ -314,8 +318,12 @@ class NodeService:
                 complete = all(granted.get(k, 0) > 0 for k in keys)
                 await trio.sleep(ttl / 2 if complete else WATCH_RETRY_S)
         finally:
+            # Other watches may listen on the same keys: the last one out unlistens.
             for key in keys:
-                self.node.unlisten(key)
+                self._listening[key] -= 1
+                if self._listening[key] <= 0:
+                    del self._listening[key]
+                    self.node.unlisten(key)
 
 
 async def _events(

@@ -213,3 +213,52 @@ def test_bad_input_is_named(workdir: Path, daemons: list[Daemon]) -> None:
     assert proc.returncode != 0 and "vector" in proc.stderr
     assert os.path.exists(d.socket)
     assert cli_json("status", socket_path=d.socket)["packets"] == 0
+
+
+def test_port_in_use_is_named(workdir: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "qisd", "run", "--state-dir", str(workdir / "p"),
+             "--socket", str(workdir / "p.sock"), "--listen", f"127.0.0.1:{port}",
+             "--metrics", "off"],
+            capture_output=True, text=True, timeout=30,
+        )
+    assert proc.returncode == 1
+    assert f"cannot bind UDP 127.0.0.1:{port}" in proc.stderr
+    assert not (workdir / "p.sock").exists()
+
+
+def test_down_bootstrap_peer_is_retried_while_serving_alone(
+    workdir: Path, daemons: list[Daemon]
+) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # B starts first, its only bootstrap peer not yet running: it serves alone (N=1).
+    b = Daemon(workdir, "late-b", bootstrap=[f"127.0.0.1:{port}"]).start()
+    daemons.append(b)
+    pid = emit(b, "alone", VEC_A, ok=True)
+    found = cli_json("query", "--topic", "alone", "--vector", json.dumps(VEC_A),
+                     socket_path=b.socket)
+    assert [m["id"] for m in found["matches"]] == [pid]
+    # The peer comes up on that port; B's backoff retry finds it.
+    # (the later --listen wins over the helper's port-0 default)
+    a = Daemon(workdir, "late-a", extra=["--listen", f"127.0.0.1:{port}"]).start()
+    daemons.append(a)
+    assert a.address == f"127.0.0.1:{port}"
+    _wait_peers(b, 1, timeout=40)
+    # And B's packet spreads to where it belongs: A can find it.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        got = cli_json("query", "--topic", "alone", "--vector", json.dumps(VEC_A),
+                       socket_path=a.socket)
+        if pid in [m["id"] for m in got["matches"]]:
+            return
+        time.sleep(0.5)
+    raise AssertionError("A never found B's packet")
