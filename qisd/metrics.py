@@ -124,16 +124,21 @@ class QisdCollector:
             "qisd_packets_delivered", "Packets delivered (accepted as responsible node or "
             "pushed for a listen)", value=st.deliveries,
         )
-        accepted = getattr(st, "packets_accepted", None)
-        if accepted is not None:
-            yield CounterMetricFamily("qisd_packets_accepted",
-                                      "Packets accepted into the store from peers",
-                                      value=accepted)
-        rejected = CounterMetricFamily("qisd_packets_rejected", "Packets refused, by reason",
-                                       labels=["reason"])
-        for reason, n in sorted(getattr(st, "packets_rejected", {}).items()):
+        yield CounterMetricFamily("qisd_packets_accepted",
+                                  "Inbound packets accepted (stored here or delivered)",
+                                  value=st.packets_accepted)
+        rejected = CounterMetricFamily("qisd_packets_rejected",
+                                       "Inbound packets refused (not stored, delivered or "
+                                       "relayed), by reason", labels=["reason"])
+        for reason, n in sorted(st.packets_rejected.items()):
             rejected.add_metric([reason], n)
         yield rejected
+        refused = CounterMetricFamily("qisd_peers_refused",
+                                      "Peers refused entry to the routing table (closed "
+                                      "swarms), by reason", labels=["reason"])
+        for reason, n in sorted(st.peers_refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
 
     def _control(self) -> Iterator[Metric]:
         stats = self.service.control_statistics()

@@ -8,13 +8,21 @@ Pure (no trio, no sockets):
 - ``traverse``    state of one iterative lookup (shortlist, termination, hops)
 - ``values``      bounded stock values, listen registrations, peer memory
 - ``paging``      datagram-sized packet batches and replies, packet verification
+- ``nearest``     XOR-nearest contacts from as few k-buckets as possible
+- ``hello``       the closed-swarm proof of key possession (challenge and answer)
+- ``fairness``    a fair share of the storage handler slots per source
 - ``stats``       counters and the frozen ``DHTStatistics`` snapshot
 - ``config``      ``DHTConfig``
 - ``api``         ``PutReport``, ``Delivery`` and the store/identity protocols
 
 I/O (trio):
 
-- ``transport``   the one UDP socket: receive loop, RPC calls, limits (``DatagramEndpoint``)
+- ``udp``         ``DatagramEndpoint`` and the real UDP socket (IPv4 or IPv6)
+- ``transport``   receive loop, RPC calls, limits on top of an endpoint
+- ``calls``       many requests in flight for one task (lookups, fan-out stores)
+- ``peerkind``    which contacts answer qisd's own RPCs
+- ``admission``   who may enter the routing table (closed swarms: ``hello`` first)
+- ``stock``       stock ``kademlia`` ``set``/``get`` on a qisd node
 - ``memnet``      in-memory datagram network for simulations
 - ``lookup``      the iterative lookup driver (alpha requests in a nursery)
 - ``node``        ``DHTNode`` and ``open_node``: contacts, lookups, stock get/set

@@ -6,10 +6,17 @@ transaction: :mod:`qisd.dht.ingest`) before anything else sees it. A packet new 
 this node becomes a delivery; a packet new under a key is pushed to the peers
 listening to that key; both paths are bounded queues that
 drop (and count) rather than wait, so storage never blocks on a slow consumer.
+
+Every packet offered is counted as accepted or refused by reason
+(:meth:`~qisd.dht.stats.Counters.packet_statuses`). A replayed packet is a
+``duplicate``: the store holds it once, so it is neither delivered nor pushed again;
+pushed packets (``notify``, no store involved) are remembered by id for the same
+reason.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +39,8 @@ OK_STATUSES = frozenset({"stored", "duplicate", "added_key", "superseded"})
 NEW_UNDER_KEY = frozenset({"stored", "added_key"})
 #: Most keys tracked in memory; beyond it every request asks the store.
 MAX_TRACKED_KEYS = 1_000_000
+#: Ids of packets lately delivered by ``notify`` (a replay is not delivered again).
+MAX_NOTIFIED = 8192
 
 
 def status_text(result: PutResult) -> str:
@@ -49,6 +58,7 @@ class Inbound:
         #: without a thread hop to SQLite.
         self.held: set[bytes] | None = None
         self.ingest = Ingest(node)
+        self._notified: OrderedDict[bytes, None] = OrderedDict()
         self.notify_send, self.notify_recv = trio.open_memory_channel[
             tuple[Node, bytes, list[bytes]]
         ](node.config.notify_queue)
@@ -82,6 +92,7 @@ class Inbound:
                 statuses.append(f"rejected:{item.reason}")
             else:
                 statuses.append(status_text(next(stored)))
+        self.node.counters.packet_statuses(statuses)
         return statuses
 
     async def store_local(
@@ -137,9 +148,15 @@ class Inbound:
         for item in checked:
             if isinstance(item, PacketError):
                 statuses.append(f"rejected:{item.reason}")
+            elif item.id in self._notified:
+                statuses.append("duplicate")
             else:
+                self._notified[item.id] = None
+                if len(self._notified) > MAX_NOTIFIED:
+                    self._notified.popitem(last=False)
                 node.deliver(Delivery(key, item, "notify"))
                 statuses.append("accepted")
+        node.counters.packet_statuses(statuses)
         return statuses
 
     async def serve_find(

@@ -7,9 +7,13 @@
   bounded queue of newcomers in batches (one pass over the held keys per batch)
   with ``handoff_concurrency`` transfers at a time, so a burst of joins cannot
   start unbounded work.
-- Republish: this node re-places its own packets, and the keys it is the closest
-  known node for, every ``republish_interval``; stock values older than that are
-  ``set`` again, as the stock server does.
+- Republish: this node re-places its own packets, and the keys it is one of the
+  ``replicas`` closest known nodes for, every ``republish_interval``; stock values
+  older than that are ``set`` again, as the stock server does. Every holder in the
+  replica set republishes (paper 2.5: each node republishes what it holds), not only
+  the closest: a placement that skipped a busy or slow node leaves the closest
+  without some packets, and if the other holders then leave, only another holder can
+  bring those packets back to ``replicas`` copies (measured: scripts/fault_churn.py).
 - Expiry of packets, values, listen registrations and subscriptions; the routing
   table saved; listen registrations renewed before they lapse.
 """
@@ -164,23 +168,25 @@ async def republish(node: DHTNode) -> None:
     store = node.store
     if store is not None:
         stored_keys = await node.in_thread(store.keys, now_ms)
-        primary = [k for k in stored_keys if _is_primary(node, k)]
+        mine = [k for k in stored_keys if _in_replica_set(node, k)]
 
         async def one(key: bytes) -> None:
             items = await node.in_thread(store.key_items, key, node.wall_ms())
             if items:
                 await ops.place(key, items)
 
-        await ops.each_key(primary, one)
+        await ops.each_key(mine, one)
     now = trio.current_time()
     for dkey, value in node.values.older_than(node.config.republish_interval, now):
         await node.set_digest(dkey, value)
 
 
-def _is_primary(node: DHTNode, key: bytes) -> bool:
+def _in_replica_set(node: DHTNode, key: bytes) -> bool:
+    """Fewer than ``replicas`` known contacts are closer to ``key`` than this node."""
     target = Node(key)
-    nearest = node.table.find_neighbors(target, k=1)
-    return not nearest or bool(node.me.distance_to(target) < nearest[0].distance_to(target))
+    mine = node.me.distance_to(target)
+    nearest = node.table.find_neighbors(target, k=node.replicas)
+    return sum(1 for n in nearest if n.distance_to(target) < mine) < node.replicas
 
 
 async def expire(node: DHTNode) -> None:

@@ -24,10 +24,12 @@ import trio
 from kademlia.node import Node
 
 from qisd.dht import maintenance, state, stock
+from qisd.dht.admission import Admission
 from qisd.dht.api import Delivery, Identity, PacketStore, PutReport
 from qisd.dht.config import DHTConfig
 from qisd.dht.lookup import LookupStats, Reply, iterate
 from qisd.dht.packets import PacketOps
+from qisd.dht.peerkind import PeerKinds
 from qisd.dht.routing import ADDED, PING_HEAD, RoutingTable
 from qisd.dht.rpc import RpcServer
 from qisd.dht.stats import Counters, DHTStatistics
@@ -87,6 +89,10 @@ class DHTNode:
         self.stock_peers = AddressMemory(ttl=600.0)
         #: Peers that recently failed to answer (see ``DHTConfig.failure_backoff``).
         self.failed_peers = AddressMemory(ttl=config.failure_backoff)
+        #: Closed swarms: who has proven membership (see qisd.dht.admission).
+        self.admission = Admission(self)
+        #: Which peers speak the qisd-only RPCs (see qisd.dht.peerkind).
+        self.kinds = PeerKinds(self)
         self.rpc = RpcServer(self)
         self.packets = PacketOps(self)
         self.transport = Transport(
@@ -127,9 +133,12 @@ class DHTNode:
         # them, evicts the dead ones and tells the live ones we are back.
         await self.lookup_nodes(self.me.id)
 
-    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(fn, *args)
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+        """Start ``fn(*args)`` in the node's nursery; False if the node is not running."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
 
     async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run store/verification work off the trio thread, a few at a time."""
@@ -155,9 +164,13 @@ class DHTNode:
         """``contact`` sent or answered something: record it (paper 2.2, 2.5)."""
         if contact.id == self.me.id or not self.reachable(contact.ip):
             return
+        if not self.admission.admitted(contact):
+            self.admission.request(contact)  # welcomed again once it proves its key
+            return
         self.failed_peers.discard((contact.ip, contact.port))
         result = self.table.add_contact(contact)
         if result.action == ADDED:
+            self.kinds.check(contact)  # does it speak qisd's own RPCs?
             if self.store is not None or len(self.values):
                 try:
                     self.handoff_send.send_nowait(contact)
@@ -191,7 +204,8 @@ class DHTNode:
     async def call(
         self, peer: Node, name: str, args: list[Any], *, evict: bool = True
     ) -> tuple[bool, Any]:
-        """One RPC to ``peer``; an answer welcomes it, silence evicts it (if ``evict``).
+        """One RPC to ``peer``; an answer welcomes it, silence counts against it
+        (if ``evict``: see ``RoutingTable.contact_failed``, paper 4.1).
 
         A peer that failed within ``failure_backoff`` seconds fails again at once.
         """
@@ -205,7 +219,7 @@ class DHTNode:
         if ok:
             self.welcome(peer)
         elif evict:
-            self.table.remove_contact(peer)
+            self.table.contact_failed(peer)
         return ok, result
 
     def parse_nodes(self, rpc: str, value: Any) -> list[Node] | None:
@@ -223,6 +237,8 @@ class DHTNode:
         if not ok or not isinstance(result, bytes) or len(result) != 20:
             return None
         contact = Node(result, addr[0], addr[1])
+        if not await self.admission.ensure(contact):
+            return None
         self.welcome(contact)
         return contact
 

@@ -203,6 +203,9 @@ class PacketOps(Inbound):
             good = [p for p in checked if isinstance(p, OutcomePacket)]
             if len(good) < len(checked):
                 node.counters.dropped["bad_packet"] += len(checked) - len(good)
+                node.counters.packet_statuses(
+                    f"rejected:{p.reason}" for p in checked if isinstance(p, PacketError)
+                )
             if good:
                 sims = cosine_many(query, [p.sketch for p in good])
                 for packet, sim in zip(good, sims, strict=True):

@@ -20,6 +20,14 @@ Packet RPCs (qisd additions; stock nodes ignore them):
   caller until the ttl lapses (0: refused, a cap is reached).
 - ``notify(nodeid, key, [packet...]) -> [status...]``: new packets for a key this
   node listens to.
+- ``hello(nodeid, nonce) -> [public_key, signature]``: proof that this node holds
+  the key of its id (:mod:`qisd.dht.hello`); asked only in closed swarms, where
+  every other RPC of a sender that has not proven membership is dropped
+  (:mod:`qisd.dht.admission`).
+
+Each packet of ``store_packets``/``notify`` is judged on its own: one over the
+swarm's size cap is ``rejected:too_large`` while the others are stored, and every
+status is counted (``DHTStatistics.packets_accepted``/``packets_rejected``).
 
 Arguments are checked before the sender enters the routing table, so a malformed
 request leaves no trace but a counter.
@@ -34,9 +42,14 @@ from typing import TYPE_CHECKING, Any
 import trio
 from kademlia.node import Node
 
+from qisd.dht import stock
+from qisd.dht.fairness import FairShare
+from qisd.dht.nearest import nearest
 from qisd.dht.paging import MAX_BATCH
-from qisd.dht.transport import Deferred
+from qisd.dht.transport import Deferred, source_key
+from qisd.dht.values import AddressMemory
 from qisd.dht.wire import (
+    MAX_PAYLOAD,
     Address,
     WireError,
     bad,
@@ -55,6 +68,8 @@ MAX_OFFSET = 100_000
 #: Status of each packet when the node is too busy to look at them: ask again later.
 BUSY = "rejected:busy"
 MAX_LISTEN_TTL = 2**31 - 1
+#: One source may run at most 1/HANDLER_SHARE of the handlers that wait on storage.
+HANDLER_SHARE = 8
 
 
 def sketch_arg(rpc: str, value: Any) -> Sketch:
@@ -72,6 +87,8 @@ def sketch_arg(rpc: str, value: Any) -> Sketch:
 class RpcServer:
     def __init__(self, node: DHTNode) -> None:
         self.node = node
+        self.fair = FairShare(max(1, node.config.max_handlers // HANDLER_SHARE))
+        self._rechecking = AddressMemory(ttl=node.config.failure_backoff)
         self._methods: dict[str, Callable[[Address, list[Any]], Any]] = {
             "ping": self.ping,
             "stun": self.stun,
@@ -82,21 +99,43 @@ class RpcServer:
             "find_packets": self.find_packets,
             "listen": self.listen,
             "notify": self.notify,
+            "hello": self.hello,
+            "store_value": self.store_value,
         }
 
     def dispatch(self, name: str, args: list[Any], addr: Address) -> Any:
         method = self._methods.get(name)
         if method is None:
             raise WireError("unknown_rpc", f"no RPC named {name!r}")
-        return method(addr, args)
+        admission = self.node.admission
+        if admission.required and name != "hello":
+            result = admission.gate(name, args, addr, method)
+        else:
+            result = method(addr, args)
+        if isinstance(result, Deferred):
+            # One source may not hold every handler slot (see qisd.dht.fairness).
+            return self.fair.wrap(source_key(addr), result)
+        return result
 
     def _sender(self, addr: Address, nodeid: bytes) -> Node:
         contact = Node(nodeid, addr[0], addr[1])
-        self.node.welcome(contact)
+        node = self.node
+        now = trio.current_time()
+        if not node.failed_peers.has(addr, now):
+            node.welcome(contact)
+        elif not self._rechecking.has(addr, now):
+            # It did not answer us lately: it comes back by answering a ping, so a
+            # peer that only sends (a flooder, a one-way or forged socket) is not put
+            # back in front of every lookup after each timeout it caused.
+            self._rechecking.add(addr, now)
+            node.spawn(node.ping, addr)
         return contact
 
     def _neighbors(self, key: bytes, sender: Node) -> list[list[Any]]:
-        found = self.node.table.find_neighbors(Node(key), exclude=sender)
+        # Exactly table.find_neighbors(Node(key), exclude=sender), reading only the
+        # buckets that can hold the answer (qisd.dht.nearest).
+        table = self.node.table
+        found = nearest(table.buckets, int.from_bytes(key, "big"), table.ksize, exclude=sender)
         return [[n.id, n.ip, n.port] for n in found]
 
     # -- base RPCs ----------------------------------------------------------------
@@ -106,6 +145,14 @@ class RpcServer:
         self._sender(addr, id20("ping", "nodeid", args[0]))
         own: bytes = self.node.me.id
         return own
+
+    def hello(self, addr: Address, args: list[Any]) -> list[bytes]:
+        # Answered to anyone and without welcoming the asker: the proof binds its id
+        # and nonce, and a peer enters the table only through its own proof. Only
+        # qisd nodes ask it, so the asker's address speaks the qisd-only RPCs.
+        proof = self.node.admission.answer(args)
+        self.node.kinds.saw_qisd(addr)
+        return proof
 
     def stun(self, addr: Address, args: list[Any]) -> list[Any]:
         check_arity("stun", args, ())
@@ -119,6 +166,10 @@ class RpcServer:
         self._sender(addr, nodeid)
         self.node.values.put(key, value, trio.current_time())
         return True
+
+    def store_value(self, addr: Address, args: list[Any]) -> dict[str, Any]:
+        # qisd's merged lookup-and-store for stock values (see qisd.dht.stock).
+        return stock.serve_store_value(self.node, addr, args, self._sender)
 
     def find_node(self, addr: Address, args: list[Any]) -> list[list[Any]]:
         check_arity("find_node", args, ("nodeid", "key"))
@@ -147,7 +198,9 @@ class RpcServer:
             "packets",
             args[2],
             max_items=MAX_BATCH,
-            max_bytes=self.node.manifest.packet_max_bytes,
+            # Any size a datagram can carry: a packet over the swarm's cap is refused
+            # (and counted) on its own as ``too_large``, not the whole request.
+            max_bytes=MAX_PAYLOAD,
         )
         return nodeid, key, raws
 
@@ -158,10 +211,11 @@ class RpcServer:
 
     def _closer(self, key: bytes, sender: Node) -> list[list[Any]]:
         """The contacts closer to ``key`` than this node (what a put-lookup needs)."""
-        target = Node(key)
-        mine = self.node.me.distance_to(target)
-        found = self.node.table.find_neighbors(target, exclude=sender)
-        return [[n.id, n.ip, n.port] for n in found if n.distance_to(target) < mine]
+        table = self.node.table
+        target = int.from_bytes(key, "big")
+        mine = self.node.me.long_id ^ target
+        found = nearest(table.buckets, target, table.ksize, below=mine, exclude=sender)
+        return [[n.id, n.ip, n.port] for n in found]
 
     def store_packets(self, addr: Address, args: list[Any]) -> Any:
         nodeid, key, raws = self._packet_args("store_packets", args)
@@ -169,7 +223,9 @@ class RpcServer:
         self._packet_peer(addr)
         closer = self._closer(key, sender)
         if self.node.store is None:
-            return {"status": ["rejected:no_store"] * len(raws), "nodes": closer}
+            status = ["rejected:no_store"] * len(raws)
+            self.node.counters.packet_statuses(status)
+            return {"status": status, "nodes": closer}
 
         async def work() -> dict[str, Any]:
             status = await self.node.packets.accept(key, raws, "store")
@@ -182,7 +238,9 @@ class RpcServer:
         self._sender(addr, nodeid)
         self._packet_peer(addr)
         if key not in self.node.subscriptions:
-            return ["rejected:not_subscribed"] * len(raws)
+            status = ["rejected:not_subscribed"] * len(raws)
+            self.node.counters.packet_statuses(status)
+            return status
         return Deferred(
             partial(self.node.packets.accept_notify, key, raws), busy=[BUSY] * len(raws)
         )

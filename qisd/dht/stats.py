@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 #: Bucket upper bounds (seconds) for RPC and lookup latency.
@@ -96,6 +96,19 @@ class DHTStatistics:
     listeners: int
     subscriptions: int
     handoffs: int
+    #: Inbound packets stored here (``stored``, ``added_key``) or delivered for a
+    #: listen; and those refused, by reason (``bad_signature``, ``wrong_swarm``,
+    #: ``expired``, ``future``, ``too_large``, ``generation``, ``not_member``,
+    #: ``quota``, ``duplicate``, ...). Nothing refused is stored, delivered or relayed.
+    packets_accepted: int = 0
+    packets_rejected: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    #: Closed swarms: peers refused entry to the routing table, by reason
+    #: (``not_member``, ``id_mismatch``, ``bad_proof``, ``no_answer``).
+    peers_refused: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+
+#: Store/notify statuses that mean "taken" (new here or new under the key).
+ACCEPTED_STATUSES = frozenset({"stored", "added_key", "accepted"})
 
 
 class Counters:
@@ -115,6 +128,18 @@ class Counters:
         self.deliveries = 0
         self.deliveries_dropped = 0
         self.handoffs = 0
+        self.packets_accepted = 0
+        self.packets_rejected: Counter[str] = Counter()
+        self.peers_refused: Counter[str] = Counter()
+
+    def packet_statuses(self, statuses: Iterable[str]) -> None:
+        """Count the per-packet statuses of one inbound request (``rejected:<reason>``,
+        ``duplicate`` and ``superseded`` are refusals; the rest acceptances)."""
+        for status in statuses:
+            if status in ACCEPTED_STATUSES:
+                self.packets_accepted += 1
+            else:
+                self.packets_rejected[status.removeprefix("rejected:")] += 1
 
     def rpc_done(self, method: str, result: str, seconds: float | None = None) -> None:
         self.rpcs[(method, "out", result)] += 1
@@ -164,4 +189,7 @@ class Counters:
             listeners=listeners,
             subscriptions=subscriptions,
             handoffs=self.handoffs,
+            packets_accepted=self.packets_accepted,
+            packets_rejected=MappingProxyType(dict(self.packets_rejected)),
+            peers_refused=MappingProxyType(dict(self.peers_refused)),
         )

@@ -1,22 +1,27 @@
 """The only socket I/O in the DHT: rpcudp-framed requests and responses over UDP.
 
 :class:`Transport` runs the receive loop and the client side of RPCs over any
-:class:`DatagramEndpoint` (a real UDP socket here, or :mod:`qisd.dht.memnet` in
-simulations). Inbound requests are rate limited per source and in total before they
-are decoded, then handed to the node's ``handler``. A handler answers at once (ping,
-find_node: cheap, run inline) or returns :class:`Deferred` work (packet storage, a
-thread hop to SQLite) that runs in a nursery capped at ``max_handlers`` tasks;
-beyond that, requests are dropped and counted, so a flood cannot spawn unbounded
-tasks. Outgoing calls take a slot in a semaphore (``max_outstanding``) and wait at
-most ``timeout`` for the answer; a response is only accepted from the address the
-request went to.
+:class:`DatagramEndpoint` (a real UDP socket, :mod:`qisd.dht.udp`, or
+:mod:`qisd.dht.memnet` in simulations). Inbound requests are rate limited per source
+and in total before they are decoded, then handed to the node's ``handler``. A
+handler answers at once (ping, find_node: cheap, run inline) or returns
+:class:`Deferred` work (packet storage, a thread hop to SQLite) that runs in a
+nursery capped at ``max_handlers`` tasks; beyond that, requests are dropped and
+counted, so a flood cannot spawn unbounded tasks.
+
+Outgoing requests take one of ``max_outstanding`` slots until answered, timed out
+or abandoned; a response is only accepted from the address the request went to.
+:meth:`Transport.call` sends one request and waits for it. Code with many requests
+in flight at once (lookups, stores at k nodes) uses :meth:`Transport.open_call`
+with a :class:`ReplySink` instead (see :mod:`qisd.dht.calls`): the receive loop
+hands each answer straight to the sink, so no task or timer is started per
+request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import socket as stdsocket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,8 +30,8 @@ import trio
 
 from qisd.dht.ratelimit import RateLimiter, RateLimits
 from qisd.dht.stats import Counters
+from qisd.dht.udp import RECV_BURST, DatagramEndpoint, UdpEndpoint, open_udp_endpoint
 from qisd.dht.wire import (
-    MAX_DATAGRAM,
     REQUEST,
     Address,
     WireError,
@@ -38,103 +43,20 @@ from qisd.dht.wire import (
 )
 from qisd.logs import get_logger
 
+__all__ = [
+    "NO_REPLY",
+    "RECV_BURST",
+    "DatagramEndpoint",
+    "Deferred",
+    "Outgoing",
+    "ReplySink",
+    "Transport",
+    "UdpEndpoint",
+    "open_udp_endpoint",
+    "source_key",
+]
+
 log = get_logger(__name__)
-#: Datagrams received back to back before the receive loop yields to other tasks.
-RECV_BURST = 32
-
-
-class DatagramEndpoint(Protocol):
-    """What the transport needs from a datagram socket."""
-
-    @property
-    def local_address(self) -> Address: ...
-
-    async def sendto(self, data: bytes, addr: Address) -> None: ...
-
-    async def recvfrom(self) -> tuple[bytes, Address]: ...
-
-    def close(self) -> None: ...
-
-
-class UdpEndpoint:
-    """A bound UDP socket (IPv4 or IPv6, following the bind address).
-
-    Sends and receives go straight to the non-blocking socket and only wait (via
-    trio's ``wait_readable``/``wait_writable``) when it has nothing or is full:
-    trio's socket wrapper yields to the scheduler twice per call, which for small
-    datagrams costs more than the system call itself. The receive side still
-    yields every :data:`RECV_BURST` datagrams so a flood cannot starve other tasks.
-    Destinations are always IP literals (checked where addresses enter), so a send
-    never resolves a name.
-    """
-
-    def __init__(self, sock: stdsocket.socket) -> None:
-        sock.setblocking(False)
-        self._sock = sock
-        host, port = sock.getsockname()[:2]
-        self._local: Address = (host, port)
-        self._burst = 0
-
-    @property
-    def local_address(self) -> Address:
-        return self._local
-
-    async def sendto(self, data: bytes, addr: Address) -> None:
-        while True:
-            if self._sock.fileno() == -1:
-                raise trio.ClosedResourceError("the DHT socket is closed")
-            try:
-                self._sock.sendto(data, addr)
-                return
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self._sock)
-
-    async def recvfrom(self) -> tuple[bytes, Address]:
-        self._burst += 1
-        if self._burst >= RECV_BURST:
-            self._burst = 0
-            await trio.lowlevel.checkpoint()
-        while True:
-            if self._sock.fileno() == -1:
-                raise trio.ClosedResourceError("the DHT socket is closed")
-            try:
-                # One byte more than the cap, so an oversized datagram shows as such
-                # instead of being silently truncated to a valid-looking one.
-                data, addr = self._sock.recvfrom(MAX_DATAGRAM + 1)
-                return data, (addr[0], addr[1])
-            except BlockingIOError:
-                self._burst = 0
-                await trio.lowlevel.wait_readable(self._sock)
-
-    def close(self) -> None:
-        if self._sock.fileno() != -1:
-            try:
-                # Wake (with ClosedResourceError) any task still waiting on it.
-                trio.lowlevel.notify_closing(self._sock)
-            except RuntimeError:
-                pass  # not inside trio: nobody can be waiting
-        self._sock.close()
-
-
-async def open_udp_endpoint(host: str, port: int) -> UdpEndpoint:
-    """Bind a UDP socket on ``host``:``port`` (port 0: any free port)."""
-    infos = await trio.socket.getaddrinfo(host, port, type=stdsocket.SOCK_DGRAM)
-    if not infos:
-        raise OSError(f"cannot resolve bind address {host!r}")
-    family, _, _, _, sockaddr = infos[0]
-    sock = stdsocket.socket(family, stdsocket.SOCK_DGRAM)
-    try:
-        for opt in (stdsocket.SO_RCVBUF, stdsocket.SO_SNDBUF):
-            # Bursts of lookups answer at once; a larger buffer drops fewer of them.
-            try:
-                sock.setsockopt(stdsocket.SOL_SOCKET, opt, 4 * 1024 * 1024)
-            except OSError:
-                pass
-        sock.bind(sockaddr)
-    except BaseException:
-        sock.close()
-        raise
-    return UdpEndpoint(sock)
 
 
 #: Returned by a handler (or deferred work) that must not answer at all.
@@ -157,14 +79,47 @@ class Deferred:
 Handler = Callable[[str, list[Any], Address], Any]
 
 
-class _Pending:
-    __slots__ = ("addr", "error", "event", "result")
+class ReplySink(Protocol):
+    """Where the receive loop hands the outcome of an :class:`Outgoing` request."""
 
-    def __init__(self, addr: Address) -> None:
+    def on_reply(self, call: Outgoing) -> None: ...
+
+
+class Outgoing:
+    """One request in flight: filled in by the receive loop when its answer comes.
+
+    ``ok`` is True with ``result`` set once a well-formed answer came from the
+    address the request went to; False with ``error`` set for an answer that does
+    not unpack. ``done`` is set either way (and by a timeout or abandon).
+    """
+
+    __slots__ = ("addr", "done", "error", "msgid", "name", "ok", "result", "sink", "started", "tag")
+
+    def __init__(
+        self, addr: Address, msgid: bytes, name: str, started: float, sink: ReplySink, tag: Any
+    ) -> None:
         self.addr = addr
-        self.event = trio.Event()
+        self.msgid = msgid
+        self.name = name
+        self.started = started
+        self.sink = sink
+        self.tag = tag
+        self.done = False
+        self.ok = False
         self.result: Any = None
         self.error: str | None = None
+
+
+class _Waiter:
+    """The sink of a single :meth:`Transport.call`."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+
+    def on_reply(self, call: Outgoing) -> None:
+        self.event.set()
 
 
 def source_key(addr: Address) -> object:
@@ -193,7 +148,7 @@ class Transport:
         self.timeout = timeout
         self.max_handlers = max_handlers
         self._slots = trio.Semaphore(max_outstanding)
-        self._pending: dict[bytes, _Pending] = {}
+        self._pending: dict[bytes, Outgoing] = {}
         self._limiter = RateLimiter(limits or RateLimits(), trio.current_time())
         self._active = 0
         self._nursery: trio.Nursery | None = None
@@ -249,18 +204,21 @@ class Transport:
 
     def _on_response(self, msgid: bytes, body: bytes, addr: Address) -> None:
         pending = self._pending.get(msgid)
-        if pending is None or pending.event.is_set():
+        if pending is None:
             self.counters.dropped["unknown_msgid"] += 1
             return
         if pending.addr != addr:
+            # Left in place: the real answer may still come from the real peer.
             self.counters.dropped["wrong_source"] += 1
             return
         try:
             pending.result = unpack(body)
+            pending.ok = True
         except WireError as exc:
             self.counters.dropped[exc.reason] += 1
             pending.error = exc.reason
-        pending.event.set()
+        self._settle(pending, "ok" if pending.ok else "error")
+        pending.sink.on_reply(pending)
 
     async def _on_request(self, msgid: bytes, body: bytes, addr: Address) -> None:
         rpcs = self.counters.rpcs
@@ -328,6 +286,61 @@ class Transport:
         self.counters.bytes_out += len(data)
         return True
 
+    def _new_msgid(self) -> bytes:
+        self._counter += 1
+        return hashlib.blake2b(
+            self._counter.to_bytes(8, "big"), key=self._msgid_key, digest_size=20
+        ).digest()
+
+    def _settle(self, call: Outgoing, result: str | None) -> None:
+        """Take ``call`` out of the table (its slot freed); count it unless abandoned."""
+        if call.done:
+            return
+        call.done = True
+        del self._pending[call.msgid]
+        self._slots.release()
+        if result == "ok":
+            self.counters.rpc_done(call.name, result, trio.current_time() - call.started)
+        elif result is not None:
+            self.counters.rpc_done(call.name, result)
+
+    async def open_call(
+        self, addr: Address, name: str, args: list[Any], sink: ReplySink, tag: Any = None
+    ) -> Outgoing | None:
+        """Send one request whose outcome goes to ``sink.on_reply``; None if the send
+        failed (counted as an error).
+
+        Waits only while all ``max_outstanding`` slots are taken. The caller owns the
+        timeout: it must end every returned call with :meth:`expire` (no answer in
+        time) or :meth:`abandon` (no longer wanted) unless its answer came. Raises
+        :class:`WireError` only if the request cannot fit a datagram (a caller bug).
+        """
+        msgid = self._new_msgid()
+        data = encode_request(msgid, name, args)
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        call = Outgoing(addr, msgid, name, trio.current_time(), sink, tag)
+        self._pending[msgid] = call
+        try:
+            sent = await self._send(data, addr)
+        except BaseException:  # cancelled while the socket was full
+            self.abandon(call)
+            raise
+        if not sent:
+            self._settle(call, "error")
+            return None
+        return call
+
+    def expire(self, call: Outgoing) -> None:
+        """``call`` got no answer in time: forget it and count a timeout."""
+        self._settle(call, "timeout")
+
+    def abandon(self, call: Outgoing) -> None:
+        """``call`` is no longer wanted (its lookup ended): forget it, uncounted."""
+        self._settle(call, None)
+
     async def call(
         self, addr: Address, name: str, args: list[Any], *, wait: float | None = None
     ) -> tuple[bool, Any]:
@@ -338,28 +351,17 @@ class Transport:
         The same shape rpcudp futures resolve to. Raises :class:`WireError` only if
         the request itself cannot fit a datagram (a bug in the caller).
         """
-        self._counter += 1
-        msgid = hashlib.blake2b(
-            self._counter.to_bytes(8, "big"), key=self._msgid_key, digest_size=20
-        ).digest()
-        data = encode_request(msgid, name, args)
-        async with self._slots:
-            pending = _Pending(addr)
-            self._pending[msgid] = pending
-            started = trio.current_time()
-            try:
-                if not await self._send(data, addr):
-                    self.counters.rpc_done(name, "error")
-                    return False, None
-                with trio.move_on_after(self.timeout if wait is None else wait):
-                    await pending.event.wait()
-            finally:
-                del self._pending[msgid]
-        if not pending.event.is_set():
-            self.counters.rpc_done(name, "timeout")
+        waiter = _Waiter()
+        call = await self.open_call(addr, name, args, waiter)
+        if call is None:
             return False, None
-        if pending.error is not None:
-            self.counters.rpc_done(name, "error")
+        try:
+            with trio.move_on_after(self.timeout if wait is None else wait):
+                await waiter.event.wait()
+        except BaseException:
+            self.abandon(call)  # cancelled from outside: forget it, uncounted
+            raise
+        if not call.done:
+            self.expire(call)
             return False, None
-        self.counters.rpc_done(name, "ok", trio.current_time() - started)
-        return True, pending.result
+        return (True, call.result) if call.ok else (False, None)

@@ -41,11 +41,13 @@ class Shortlist(NodeHeap):  # type: ignore[misc]
         self.status: dict[bytes, int] = {}
 
     def push(self, nodes: Node | list[Node]) -> None:
+        target = self.node.long_id
+        by_id, status, order = self.by_id, self.status, self.order
         for node in nodes if isinstance(nodes, list) else [nodes]:
-            if node.id not in self.by_id:
-                self.by_id[node.id] = node
-                self.status[node.id] = UNQUERIED
-                bisect.insort(self.order, (self.node.distance_to(node), node.id))
+            if node.id not in by_id:
+                by_id[node.id] = node
+                status[node.id] = UNQUERIED
+                bisect.insort(order, (target ^ node.long_id, node.id))
 
     def __contains__(self, node: object) -> bool:
         return isinstance(node, Node) and node.id in self.by_id
@@ -120,13 +122,23 @@ class LookupState:
         """Up to ``limit`` unqueried nodes among the closest; marks them in flight."""
         if limit <= 0:
             return []
-        batch = []
-        for node in self.shortlist.live():
-            if self.shortlist.status[node.id] == UNQUERIED:
-                self.shortlist.mark_contacted(node)
-                batch.append(node)
+        shortlist = self.shortlist
+        status, by_id = shortlist.status, shortlist.by_id
+        batch: list[Node] = []
+        live = 0
+        # The same walk as Shortlist.live(), inlined: it runs once per answer.
+        for _, node_id in shortlist.order:
+            st = status[node_id]
+            if st == FAILED:
+                continue
+            if st == UNQUERIED:
+                status[node_id] = IN_FLIGHT
+                batch.append(by_id[node_id])
                 if len(batch) == limit:
                     break
+            live += 1
+            if live == self.width:
+                break
         self.rpcs += len(batch)
         self.in_flight += len(batch)
         return batch
@@ -146,7 +158,18 @@ class LookupState:
     @property
     def done(self) -> bool:
         """True once every one of the ``width`` closest live nodes has answered."""
-        return all(self.shortlist.status[n.id] == ANSWERED for n in self.shortlist.live())
+        status = self.shortlist.status
+        live = 0
+        for _, node_id in self.shortlist.order:
+            st = status[node_id]
+            if st == FAILED:
+                continue
+            if st != ANSWERED:
+                return False
+            live += 1
+            if live == self.width:
+                return True
+        return True
 
     def closest(self, count: int | None = None) -> list[Node]:
         """Nodes that answered, closest first (at most ``count``, default ``width``)."""

@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Churn: stop a share of a swarm's nodes at random, check nothing is lost, restart them.
+
+Real qisd DHT nodes (the production node code, each with its own SQLite store and
+state directory) on 127.0.0.1 over real UDP, all in this one process:
+
+1. ``--nodes`` nodes join; ``--packets`` packets are put from random nodes (each at
+   the ``replicas`` closest nodes of each of its LSH keys).
+2. ``--stop`` of the nodes (at random) stop: socket closed, store closed.
+   Every packet is then looked for from a random running node, **by its exact
+   keys** (one ``find_packets`` per key until one answer holds it); a sample is also
+   looked for **by a query with its own vector** (all multi-probe keys, top 5 by
+   similarity, as ``qisd query`` does). While they are down, republish (interval
+   ``--republish``) brings every (key, packet) entry back to ``replicas`` copies on
+   the running nodes: the time that takes is measured. ``--outage-packets`` more
+   packets are put meanwhile.
+3. The stopped nodes restart on their old ports with their stores and routing
+   tables; each must hold exactly the packets it held when it stopped. The time
+   until the ``replicas`` closest nodes of every key hold every packet of that key
+   (outage packets included: hand-off and republish must bring them) is measured,
+   then every packet is looked for again.
+
+    .venv/bin/python scripts/fault_churn.py                      # 50 nodes, 5,000 packets
+    .venv/bin/python scripts/fault_churn.py --nodes 20 --packets 400 --republish 10
+
+Prints a Markdown table (the one in docs/reliability.md); ``--json`` prints the raw
+figures instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from faultlib import (
+    Entry,
+    LocalSwarm,
+    count_found,
+    held_entries,
+    packet_keys,
+    random_packet,
+    replication,
+    table,
+    wait_until,
+)
+
+from qisd.dht import DHTConfig
+from qisd.manifest import Manifest
+from qisd.packet import OutcomePacket
+
+
+@dataclass
+class ChurnParams:
+    nodes: int = 50
+    packets: int = 5000
+    stop: float = 0.3
+    outage_packets: int = 250
+    topics: int = 4
+    republish: float = 60.0
+    rpc_timeout: float = 1.0
+    probe_sample: int = 500
+    put_concurrency: int = 32
+    seed: int = 1
+    #: Longest wait for re-replication, each phase.
+    settle_timeout: float = 600.0
+
+
+@dataclass
+class ChurnResult:
+    params: dict[str, Any]
+    replicas: int
+    put_ok: int = 0
+    put_seconds: float = 0.0
+    entries: int = 0
+    stopped: list[int] = field(default_factory=list)
+    holders_stopped: int = 0
+    #: After the stop, on the running nodes.
+    entries_lost: int = 0
+    entries_under_replicas: int = 0
+    found_exact: int = 0
+    asked_exact: int = 0
+    found_probe: int = 0
+    asked_probe: int = 0
+    outage_put_ok: int = 0
+    rereplicate_seconds: float | None = None
+    restarted_kept_store: int = 0
+    restarted_store_mismatch: list[int] = field(default_factory=list)
+    closest_before: float = 0.0
+    restored_seconds: float | None = None
+    final_closest: float = 0.0
+    final_full: float = 0.0
+    found_after: int = 0
+    asked_after: int = 0
+    total_seconds: float = 0.0
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def swarm_config(p: ChurnParams) -> DHTConfig:
+    return DHTConfig(
+        rpc_timeout=p.rpc_timeout,
+        republish_interval=p.republish,
+        # Refresh evicts dead contacts in quiet buckets; a quarter of this is its period.
+        refresh_interval=4 * p.republish,
+        failure_backoff=min(30.0, p.republish / 2),
+    )
+
+
+async def put_all(
+    swarm: LocalSwarm,
+    packets: list[tuple[int, OutcomePacket]],
+    concurrency: int,
+) -> int:
+    ok = 0
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def one(origin: int, packet: OutcomePacket) -> None:
+        nonlocal ok
+        async with limiter:
+            report = await swarm.sites[origin].node.put_packet(packet)
+            ok += report.ok
+
+    async with trio.open_nursery() as nursery:
+        for origin, packet in packets:
+            nursery.start_soon(one, origin, packet)
+    return ok
+
+
+async def run_churn(p: ChurnParams, root: Path) -> ChurnResult:
+    rng = random.Random(p.seed)
+    manifest = Manifest()
+    config = swarm_config(p)
+    started = trio.current_time()
+    result = ChurnResult(params=asdict(p), replicas=manifest.replicas)
+    topics = [f"churn-{t}" for t in range(p.topics)]
+
+    def make(origins: list[int], count: int) -> list[tuple[int, OutcomePacket]]:
+        out = []
+        for _ in range(count):
+            origin = rng.choice(origins)
+            identity = swarm.identities[origin]
+            out.append((origin, random_packet(identity, rng, manifest, topic=rng.choice(topics))))
+        return out
+
+    async with trio.open_nursery() as nursery:
+        swarm = LocalSwarm(nursery, root, config=config, manifest=manifest, seed=p.seed)
+        log(f"forming a swarm of {p.nodes} nodes")
+        await swarm.form(p.nodes)
+        ids = {i: swarm.identities[i].node_id for i in range(p.nodes)}
+
+        t0 = trio.current_time()
+        batch = make(list(range(p.nodes)), p.packets)
+        result.put_ok = await put_all(swarm, batch, p.put_concurrency)
+        result.put_seconds = trio.current_time() - t0
+        packets = [pk for _, pk in batch]
+        expected: list[Entry] = [(k, pk.id) for pk in packets for k in packet_keys(manifest, pk)]
+        result.entries = len(expected)
+        log(f"put {result.put_ok}/{p.packets} packets in {result.put_seconds:.0f} s")
+
+        # -- stop a share at random ------------------------------------------------
+        before = await held_entries(swarm, range(p.nodes))
+        result.stopped = sorted(rng.sample(range(p.nodes), round(p.stop * p.nodes)))
+        result.holders_stopped = sum(1 for i in result.stopped if before[i])
+        kept = {i: before[i] for i in result.stopped}
+        for i in result.stopped:
+            await swarm.stop(i)
+        t_stop = trio.current_time()
+        live = swarm.running
+        log(f"stopped {len(result.stopped)} nodes: {result.stopped}")
+        now_held = await held_entries(swarm, live)
+        rep = replication(expected, now_held, ids, manifest.replicas)
+        result.entries_lost = rep.lost
+        result.entries_under_replicas = rep.entries - rep.full
+
+        def random_live(_: int) -> Any:
+            return swarm.sites[rng.choice(live)].node
+
+        # Watch the copies on the running nodes come back while the queries run.
+        original = list(expected)
+        settled = trio.Event()
+        poll = max(2.0, p.republish / 6)
+
+        async def watch_copies() -> None:
+            while True:
+                held = await held_entries(swarm, live)
+                r = replication(original, held, ids, manifest.replicas)
+                log(f"  running nodes: {r.full}/{r.entries} entries with >= "
+                    f"{manifest.replicas} copies (min {r.min_copies}, lost {r.lost})")
+                if r.full == r.entries:
+                    result.rereplicate_seconds = trio.current_time() - t_stop
+                    settled.set()
+                    return
+                await trio.sleep(poll)
+
+        nursery.start_soon(watch_copies)
+        t0 = trio.current_time()
+        missing = await count_found(packets, random_live, manifest)
+        result.asked_exact, result.found_exact = len(packets), len(packets) - len(missing)
+        log(f"found {result.found_exact}/{len(packets)} by exact keys "
+            f"in {trio.current_time() - t0:.0f} s")
+        sample = rng.sample(packets, min(p.probe_sample, len(packets)))
+        missing = await count_found(sample, random_live, manifest, probe=True)
+        result.asked_probe, result.found_probe = len(sample), len(sample) - len(missing)
+        log(f"found {result.found_probe}/{len(sample)} by query with own vector")
+
+        extra = make(live, p.outage_packets)
+        result.outage_put_ok = await put_all(swarm, extra, p.put_concurrency)
+        packets += [pk for _, pk in extra]
+        expected += [(k, pk.id) for _, pk in extra for k in packet_keys(manifest, pk)]
+        log(f"put {result.outage_put_ok}/{len(extra)} packets during the outage")
+        with trio.move_on_after(p.settle_timeout):
+            await settled.wait()
+        log(f"re-replicated on the running nodes: {result.rereplicate_seconds}")
+
+        # -- restart them ------------------------------------------------------------
+        for i in result.stopped:
+            await swarm.start(i, port=swarm.ports[i])
+        t0 = trio.current_time()
+        back = await held_entries(swarm, result.stopped)
+        for i in result.stopped:
+            if back[i] >= kept[i]:
+                result.restarted_kept_store += 1
+            else:
+                result.restarted_store_mismatch.append(i)
+        log(f"restarted; {result.restarted_kept_store}/{len(result.stopped)} kept their store")
+        everyone = list(range(p.nodes))
+        held = await held_entries(swarm, everyone)
+        result.closest_before = replication(expected, held, ids, manifest.replicas).closest_share
+
+        async def restored() -> bool:
+            held = await held_entries(swarm, everyone)
+            r = replication(expected, held, ids, manifest.replicas)
+            log(f"  all nodes: {r.closest_hold}/{r.entries} entries at all {manifest.replicas} "
+                f"closest nodes")
+            return r.closest_hold == r.entries
+
+        result.restored_seconds = await wait_until(
+            restored, limit=p.settle_timeout, every=max(2.0, p.republish / 6)
+        )
+        log(f"replication restored: {result.restored_seconds}")
+        held = await held_entries(swarm, everyone)
+        final = replication(expected, held, ids, manifest.replicas)
+        result.final_closest, result.final_full = final.closest_share, final.full_share
+
+        def random_any(_: int) -> Any:
+            return swarm.sites[rng.randrange(p.nodes)].node
+
+        missing = await count_found(packets, random_any, manifest)
+        result.asked_after, result.found_after = len(packets), len(packets) - len(missing)
+        log(f"after restart found {result.found_after}/{len(packets)}")
+        await swarm.stop_all()
+        nursery.cancel_scope.cancel()
+    result.total_seconds = trio.current_time() - started
+    return result
+
+
+def pct(a: int, b: int) -> str:
+    return f"{100.0 * a / b:.2f}%" if b else "-"
+
+
+def secs(x: float | None) -> str:
+    return "not within the timeout" if x is None else f"{x:.0f} s"
+
+
+def render(r: ChurnResult) -> str:
+    p = r.params
+    rows = [
+        ("swarm", f"{p['nodes']} nodes, replicas={r.replicas}, 8 tables x 4 bits, "
+                  f"{p['topics']} topics, republish every {p['republish']:.0f} s"),
+        ("packets put", f"{r.put_ok:,}/{p['packets']:,} ok in {r.put_seconds:.0f} s "
+                        f"({r.entries:,} key entries)"),
+        ("nodes stopped", f"{len(r.stopped)} ({r.holders_stopped} holding packets)"),
+        ("entries with no copy on running nodes", f"{r.entries_lost}"),
+        ("entries under replicas right after the stop", f"{r.entries_under_replicas:,}"),
+        ("found by exact keys, 30% down", f"{r.found_exact:,}/{r.asked_exact:,} "
+                                          f"({pct(r.found_exact, r.asked_exact)})"),
+        ("found by query with own vector, 30% down",
+         f"{r.found_probe:,}/{r.asked_probe:,} ({pct(r.found_probe, r.asked_probe)})"),
+        ("packets put during the outage", f"{r.outage_put_ok}/{p['outage_packets']}"),
+        ("back to replicas copies on running nodes", secs(r.rereplicate_seconds)),
+        ("restarted nodes that kept their store",
+         f"{r.restarted_kept_store}/{len(r.stopped)}"),
+        ("entries at all replicas closest, at restart", f"{100 * r.closest_before:.2f}%"),
+        ("replicas closest hold every entry after restart", secs(r.restored_seconds)),
+        ("found after restart", f"{r.found_after:,}/{r.asked_after:,} "
+                                f"({pct(r.found_after, r.asked_after)})"),
+        ("wall time", f"{r.total_seconds:.0f} s"),
+    ]
+    return table(rows, ("measure", "value"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    d = ChurnParams()
+    parser.add_argument("--nodes", type=int, default=d.nodes)
+    parser.add_argument("--packets", type=int, default=d.packets)
+    parser.add_argument("--stop", type=float, default=d.stop, help="share of nodes stopped")
+    parser.add_argument("--outage-packets", type=int, default=d.outage_packets)
+    parser.add_argument("--topics", type=int, default=d.topics)
+    parser.add_argument("--republish", type=float, default=d.republish,
+                        help="republish interval, seconds")
+    parser.add_argument("--rpc-timeout", type=float, default=d.rpc_timeout)
+    parser.add_argument("--probe-sample", type=int, default=d.probe_sample)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--settle-timeout", type=float, default=d.settle_timeout)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    params = ChurnParams(
+        nodes=args.nodes, packets=args.packets, stop=args.stop,
+        outage_packets=args.outage_packets, topics=args.topics, republish=args.republish,
+        rpc_timeout=args.rpc_timeout, probe_sample=args.probe_sample, seed=args.seed,
+        settle_timeout=args.settle_timeout,
+    )
+    with tempfile.TemporaryDirectory(prefix="qisd-churn-") as tmp:
+        result = trio.run(run_churn, params, Path(tmp))
+    print(json.dumps(asdict(result), indent=2) if args.json else render(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+#!/usr/bin/env python3
+"""Network faults: 5% loss and 50 ms delay on every datagram, then a partition and its heal.
+
+Real qisd DHT nodes with SQLite stores on 127.0.0.1 over real UDP, all in this one
+process. This kernel has no ``tc netem``, so the impairment sits in each node's
+datagram path instead (``faultlib.ImpairedEndpoint``): every datagram a node sends
+is dropped with probability ``--loss`` and otherwise handed to the kernel ``--delay``
+seconds later (order kept). A round trip crosses it twice: an RPC is lost with
+probability 1 - (1 - loss)^2 (9.75% at 5%) and takes at least 2 x delay.
+
+1. ``--nodes`` nodes join and ``--packets`` packets are put, all under impairment.
+2. ``--queries`` queries from random nodes, each with a packet's own vector, as
+   ``qisd query`` asks (all multi-probe keys, top ``k`` by similarity): a query
+   succeeds if that packet is among the answers.
+3. The swarm is cut in two halves (datagrams between them dropped) for
+   ``--partition`` seconds; each half puts ``--split-packets`` packets meanwhile.
+4. Heal: the time until every packet (before and during the partition) is found by
+   a node of each half, by its own vector, is measured.
+
+    .venv/bin/python scripts/fault_network.py              # 30 nodes, 600 packets
+    .venv/bin/python scripts/fault_network.py --nodes 16 --packets 100 --queries 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from faultlib import (
+    Impairment,
+    LocalSwarm,
+    is_found,
+    random_packet,
+    table,
+)
+
+from qisd.dht import DHTConfig
+from qisd.manifest import Manifest
+from qisd.packet import OutcomePacket
+
+
+@dataclass
+class NetworkParams:
+    nodes: int = 30
+    packets: int = 600
+    queries: int = 1000
+    loss: float = 0.05
+    delay: float = 0.05
+    k: int = 10
+    partition: float = 60.0
+    split_packets: int = 50
+    rpc_timeout: float = 0.5
+    refresh: float = 40.0
+    republish: float = 40.0
+    failure_backoff: float = 5.0
+    seed: int = 1
+    concurrency: int = 8
+    heal_timeout: float = 300.0
+
+
+@dataclass
+class NetworkResult:
+    params: dict[str, Any]
+    put_ok: int = 0
+    queries: int = 0
+    query_ok: int = 0
+    query_p50_ms: float = 0.0
+    query_p99_ms: float = 0.0
+    datagrams: int = 0
+    dropped_by_loss: int = 0
+    split_put_ok: int = 0
+    split_found_own_side: int = 0
+    split_asked_own_side: int = 0
+    split_found_other_side: int = 0
+    split_asked_other_side: int = 0
+    cut_datagrams: int = 0
+    heal_seconds: float | None = None
+    found_after_heal: dict[str, int] = field(default_factory=dict)
+    asked_after_heal: int = 0
+    total_seconds: float = 0.0
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def network_config(p: NetworkParams) -> DHTConfig:
+    return DHTConfig(
+        rpc_timeout=p.rpc_timeout,
+        refresh_interval=p.refresh,
+        republish_interval=p.republish,
+        failure_backoff=p.failure_backoff,
+    )
+
+
+async def run_network(p: NetworkParams, root: Path) -> NetworkResult:
+    rng = random.Random(p.seed)
+    manifest = Manifest()
+    impairment = Impairment(loss=p.loss, delay=p.delay, seed=p.seed)
+    result = NetworkResult(params=asdict(p))
+    started = trio.current_time()
+    topics = ["net-a", "net-b"]
+
+    async with trio.open_nursery() as nursery:
+        swarm = LocalSwarm(
+            nursery, root, config=network_config(p), manifest=manifest,
+            impairment=impairment, seed=p.seed,
+        )
+        log(f"forming {p.nodes} nodes under {p.loss:.0%} loss, {p.delay * 1000:.0f} ms delay")
+        await swarm.form(p.nodes)
+
+        async def put_from(origins: list[int], count: int) -> tuple[list[OutcomePacket], int]:
+            made: list[tuple[int, OutcomePacket]] = []
+            for _ in range(count):
+                o = rng.choice(origins)
+                made.append((o, random_packet(swarm.identities[o], rng, manifest,
+                                              topic=rng.choice(topics))))
+            ok = 0
+            limiter = trio.CapacityLimiter(p.concurrency * 2)
+
+            async def one(o: int, packet: OutcomePacket) -> None:
+                nonlocal ok
+                async with limiter:
+                    report = await swarm.sites[o].node.put_packet(packet)
+                ok += report.ok
+
+            async with trio.open_nursery() as inner:
+                for o, packet in made:
+                    inner.start_soon(one, o, packet)
+            return [pk for _, pk in made], ok
+
+        packets, result.put_ok = await put_from(list(range(p.nodes)), p.packets)
+        log(f"put {result.put_ok}/{p.packets}")
+
+        # -- queries under loss and delay ---------------------------------------
+        impairment.sent = impairment.lost = 0
+        latencies: list[float] = []
+        limiter = trio.CapacityLimiter(p.concurrency)
+
+        async def query(packet: OutcomePacket) -> None:
+            asker = rng.randrange(p.nodes)
+            async with limiter:
+                t0 = trio.current_time()
+                ok = await is_found(swarm.sites[asker].node, manifest, packet, probe=True, m=p.k)
+                latencies.append(trio.current_time() - t0)
+            result.queries += 1
+            result.query_ok += ok
+
+        async with trio.open_nursery() as inner:
+            for _ in range(p.queries):
+                inner.start_soon(query, rng.choice(packets))
+        latencies.sort()
+        result.query_p50_ms = 1000 * latencies[len(latencies) // 2]
+        result.query_p99_ms = 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+        result.datagrams, result.dropped_by_loss = impairment.sent, impairment.lost
+        log(f"queries {result.query_ok}/{result.queries} ok, p50 {result.query_p50_ms:.0f} ms, "
+            f"p99 {result.query_p99_ms:.0f} ms; {impairment.lost}/{impairment.sent} datagrams lost")
+
+        # -- partition ------------------------------------------------------------
+        order = list(range(p.nodes))
+        rng.shuffle(order)
+        halves = [sorted(order[: p.nodes // 2]), sorted(order[p.nodes // 2 :])]
+        impairment.partition([[swarm.address(i) for i in h] for h in halves])
+        cut_at = trio.current_time()
+        log(f"partitioned: {halves[0]} | {halves[1]}")
+        split: list[tuple[int, OutcomePacket]] = []
+        for side, half in enumerate(halves):
+            made, ok = await put_from(half, p.split_packets)
+            result.split_put_ok += ok
+            split += [(side, pk) for pk in made]
+
+        async def found_from(half: list[int], packet: OutcomePacket) -> bool:
+            return await is_found(
+                swarm.sites[rng.choice(half)].node, manifest, packet, probe=True, m=p.k
+            )
+
+        for side, packet in split:
+            result.split_asked_own_side += 1
+            result.split_found_own_side += await found_from(halves[side], packet)
+            result.split_asked_other_side += 1
+            result.split_found_other_side += await found_from(halves[1 - side], packet)
+        log(f"during the partition: {result.split_found_own_side}/{result.split_asked_own_side}"
+            f" found on their own side, {result.split_found_other_side}/"
+            f"{result.split_asked_other_side} on the other")
+        await trio.sleep(max(0.0, p.partition - (trio.current_time() - cut_at)))
+        result.cut_datagrams = impairment.cut
+        impairment.heal()
+        healed_at = trio.current_time()
+        log("healed")
+
+        everything = packets + [pk for _, pk in split]
+        pending = {side: list(everything) for side in (0, 1)}
+
+        async def sweep() -> bool:
+            for side in (0, 1):
+                still: list[OutcomePacket] = []
+                lim = trio.CapacityLimiter(p.concurrency)
+
+                async def check(
+                    packet: OutcomePacket,
+                    side: int = side,
+                    lim: trio.CapacityLimiter = lim,
+                    still: list[OutcomePacket] = still,
+                ) -> None:
+                    async with lim:
+                        if not await found_from(halves[side], packet):
+                            still.append(packet)
+
+                async with trio.open_nursery() as inner:
+                    for packet in pending[side]:
+                        inner.start_soon(check, packet)
+                pending[side] = still
+            log(f"  after heal: {len(pending[0])} | {len(pending[1])} packets not yet found")
+            return not pending[0] and not pending[1]
+
+        while trio.current_time() - healed_at < p.heal_timeout:
+            if await sweep():
+                result.heal_seconds = trio.current_time() - healed_at
+                break
+            await trio.sleep(2.0)
+        # A last full pass from both sides, the one reported.
+        result.asked_after_heal = len(everything)
+        for side in (0, 1):
+            pending[side] = list(everything)
+        await sweep()
+        result.found_after_heal = {
+            "side_a": len(everything) - len(pending[0]),
+            "side_b": len(everything) - len(pending[1]),
+        }
+        await swarm.stop_all()
+        nursery.cancel_scope.cancel()
+    result.total_seconds = trio.current_time() - started
+    return result
+
+
+def pct(a: int, b: int) -> str:
+    return f"{100.0 * a / b:.2f}%" if b else "-"
+
+
+def render(r: NetworkResult) -> str:
+    p = r.params
+    heal = "not within the timeout" if r.heal_seconds is None else f"{r.heal_seconds:.0f} s"
+    rows = [
+        ("swarm", f"{p['nodes']} nodes, rpc_timeout {p['rpc_timeout']} s, refresh "
+                  f"{p['refresh']:.0f} s, republish {p['republish']:.0f} s"),
+        ("impairment", f"{p['loss']:.0%} loss + {p['delay'] * 1000:.0f} ms delay per datagram"),
+        ("packets put", f"{r.put_ok}/{p['packets']}"),
+        ("queries that found their packet (top-k by own vector)",
+         f"{r.query_ok}/{r.queries} ({pct(r.query_ok, r.queries)})"),
+        ("query latency p50 / p99", f"{r.query_p50_ms:.0f} / {r.query_p99_ms:.0f} ms"),
+        ("datagrams dropped by the loss", f"{r.dropped_by_loss}/{r.datagrams}"),
+        ("partition", f"two halves for {p['partition']:.0f} s, {r.cut_datagrams} datagrams cut"),
+        ("packets put during the partition", f"{r.split_put_ok}/{2 * p['split_packets']}"),
+        ("  found on their own side", f"{r.split_found_own_side}/{r.split_asked_own_side}"),
+        ("  found across the cut", f"{r.split_found_other_side}/{r.split_asked_other_side}"),
+        ("every packet found from both halves after heal", heal),
+        ("found after heal, half A / half B",
+         f"{r.found_after_heal.get('side_a', 0)}/{r.asked_after_heal} / "
+         f"{r.found_after_heal.get('side_b', 0)}/{r.asked_after_heal}"),
+        ("wall time", f"{r.total_seconds:.0f} s"),
+    ]
+    return table(rows, ("measure", "value"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    d = NetworkParams()
+    for name in ("nodes", "packets", "queries", "k", "split_packets", "seed", "concurrency"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    for name in ("loss", "delay", "partition", "rpc_timeout", "refresh", "republish",
+                 "failure_backoff", "heal_timeout"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    params = NetworkParams(**{k: v for k, v in vars(args).items() if k != "json"})
+    with tempfile.TemporaryDirectory(prefix="qisd-net-") as tmp:
+        result = trio.run(run_network, params, Path(tmp))
+    print(json.dumps(asdict(result), indent=2) if args.json else render(result))
+
+
+if __name__ == "__main__":
+    main()

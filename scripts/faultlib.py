@@ -1,0 +1,449 @@
+"""Shared machinery of the fault experiments (``scripts/fault_*.py``, ``tests/faults``).
+
+- :class:`LocalSwarm`: real :class:`qisd.dht.DHTNode` nodes on 127.0.0.1 (real UDP,
+  port 0), each with its own SQLite :class:`qisd.store.PacketStore` in its own state
+  directory, each running in its own task so any one can be stopped (its socket
+  closed, its store closed, its routing table saved) and started again on the same
+  port with the same identity, store and routing state, as a restarted daemon would.
+- :class:`Impairment` and :class:`ImpairedEndpoint`: a network emulator in the
+  datagram path. Every datagram a node *sends* through the real UDP socket is first
+  subject to: a partition (dropped if sender and receiver are on different sides),
+  independent random loss (``loss``), and a fixed one-way delay (``delay`` seconds,
+  order preserved) before it is handed to the kernel. A round trip crosses it twice,
+  as with ``tc netem`` on every node's interface (which this kernel lacks).
+- Measurements over the stores, read through separate SQLite connections (WAL lets
+  them read while the nodes write): which (key, packet) entries each node holds, how
+  many copies each entry has, and whether the ``replicas`` closest nodes of each key
+  hold it; and "found" checks that ask the swarm with ``find_packets``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+from kademlia.node import Node
+
+from qisd.dht import DHTConfig, DHTNode, open_node
+from qisd.dht.transport import DatagramEndpoint, open_udp_endpoint
+from qisd.dht.wire import Address
+from qisd.fingerprint import keys_for, probe_keys
+from qisd.identity import Identity
+from qisd.manifest import Manifest
+from qisd.packet import OutcomePacket, create_packet
+from qisd.sketch import make_sketch, normalize
+from qisd.store import PacketStore
+
+STORE_FILE = "packets.db"
+
+
+# -- the network emulator -------------------------------------------------------------
+
+
+@dataclass
+class Impairment:
+    """Loss, delay and partition applied to every datagram sent by impaired endpoints."""
+
+    loss: float = 0.0
+    delay: float = 0.0
+    seed: int = 0
+    #: Address -> side; datagrams between different sides are dropped.
+    sides: dict[Address, int] = field(default_factory=dict)
+    sent: int = 0
+    lost: int = 0
+    cut: int = 0
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.loss < 1.0:
+            raise ValueError("impairment: loss must be in [0, 1)")
+        if self.delay < 0:
+            raise ValueError("impairment: delay must be >= 0")
+        self.rng = random.Random(self.seed)
+
+    def partition(self, groups: Sequence[Iterable[Address]]) -> None:
+        self.sides = {addr: side for side, group in enumerate(groups) for addr in group}
+
+    def heal(self) -> None:
+        self.sides = {}
+
+    def verdict(self, src: Address, dst: Address) -> bool:
+        """True if the datagram goes through (counted either way)."""
+        self.sent += 1
+        if self.sides and self.sides.get(src, -1) != self.sides.get(dst, -1):
+            self.cut += 1
+            return False
+        if self.loss and self.rng.random() < self.loss:
+            self.lost += 1
+            return False
+        return True
+
+
+class ImpairedEndpoint:
+    """A real UDP endpoint whose outgoing datagrams pass through an :class:`Impairment`.
+
+    Delayed datagrams wait in a queue drained by one task (:meth:`pump`, run by the
+    owner), which sends each at its due time; the delay is the same for all, so
+    the queue is in due order and datagrams keep their order, as on a link.
+    """
+
+    def __init__(self, inner: DatagramEndpoint, impairment: Impairment) -> None:
+        self.inner = inner
+        self.impairment = impairment
+        self._send, self._recv = trio.open_memory_channel[tuple[float, bytes, Address]](
+            math.inf
+        )
+
+    @property
+    def local_address(self) -> Address:
+        return self.inner.local_address
+
+    async def sendto(self, data: bytes, addr: Address) -> None:
+        imp = self.impairment
+        if not imp.verdict(self.inner.local_address, addr):
+            await trio.lowlevel.checkpoint()
+            return
+        if imp.delay <= 0:
+            await self.inner.sendto(data, addr)
+            return
+        await trio.lowlevel.checkpoint()
+        try:
+            self._send.send_nowait((trio.current_time() + imp.delay, bytes(data), addr))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise trio.ClosedResourceError("the endpoint is closed") from None
+
+    async def pump(self) -> None:
+        async for due, data, addr in self._recv:
+            await trio.sleep_until(due)
+            try:
+                await self.inner.sendto(data, addr)
+            except (OSError, trio.ClosedResourceError):
+                return
+
+    async def recvfrom(self) -> tuple[bytes, Address]:
+        return await self.inner.recvfrom()
+
+    def close(self) -> None:
+        self._send.close()
+        self.inner.close()
+
+
+# -- packets ----------------------------------------------------------------------------
+
+
+def random_packet(
+    identity: Identity,
+    rng: random.Random,
+    manifest: Manifest,
+    *,
+    topic: str,
+    dim: int = 16,
+    ttl_s: int = 86400,
+) -> OutcomePacket:
+    vector = np.array([rng.gauss(0, 1) for _ in range(dim)])
+    return create_packet(
+        identity.signing_key,
+        swarm=manifest.swarm_id,
+        topic=topic,
+        sketch=make_sketch(vector),
+        outcome={"ok": rng.random() < 0.5, "score": round(rng.random(), 4)},
+        ttl_s=ttl_s,
+    )
+
+
+def packet_keys(manifest: Manifest, packet: OutcomePacket) -> list[bytes]:
+    """The keys a packet is stored under (recomputed from its sketch, as nodes do)."""
+    return keys_for(manifest, packet.topic, packet.sketch.to_array())
+
+
+# -- the swarm ----------------------------------------------------------------------------
+
+
+@dataclass
+class Site:
+    index: int
+    identity: Identity
+    node: DHTNode
+    store: PacketStore
+    path: Path
+
+
+class LocalSwarm:
+    """Nodes that each run in their own task, so any one can stop or restart."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        root: Path,
+        *,
+        config: DHTConfig,
+        manifest: Manifest,
+        impairment: Impairment | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.nursery = nursery
+        self.root = root
+        self.config = config
+        self.manifest = manifest
+        self.impairment = impairment
+        self.rng = random.Random(seed)
+        self.sites: dict[int, Site] = {}
+        self.identities: dict[int, Identity] = {}
+        self.ports: dict[int, int] = {}
+        self._stops: dict[int, tuple[trio.Event, trio.Event]] = {}
+
+    def store_path(self, i: int) -> Path:
+        return self.root / f"n{i}" / STORE_FILE
+
+    @property
+    def running(self) -> list[int]:
+        return sorted(self.sites)
+
+    def address(self, i: int) -> Address:
+        return ("127.0.0.1", self.ports[i])
+
+    async def start(self, i: int, *, port: int = 0) -> Site:
+        identity = self.identities.setdefault(
+            i, Identity.from_seed(self.rng.randbytes(32))
+        )
+        stop, done = trio.Event(), trio.Event()
+        state_dir = self.root / f"n{i}"
+        state_dir.mkdir(parents=True, exist_ok=True)
+
+        async def run(task_status: trio.TaskStatus[Site] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                async with AsyncExitStack() as stack:
+                    store = PacketStore.open(state_dir / STORE_FILE)
+                    stack.callback(store.close)
+                    endpoint: DatagramEndpoint = await open_udp_endpoint("127.0.0.1", port)
+                    inner = trio.open_nursery()
+                    pumps = await stack.enter_async_context(inner)
+                    stack.callback(pumps.cancel_scope.cancel)
+                    if self.impairment is not None:
+                        impaired = ImpairedEndpoint(endpoint, self.impairment)
+                        pumps.start_soon(impaired.pump)
+                        endpoint = impaired
+                    node = await stack.enter_async_context(
+                        open_node(
+                            identity,
+                            self.manifest,
+                            store,
+                            config=self.config,
+                            state_dir=state_dir,
+                            endpoint=endpoint,
+                            rng=random.Random(self.rng.random()),
+                        )
+                    )
+                    task_status.started(Site(i, identity, node, store, state_dir / STORE_FILE))
+                    await stop.wait()
+            finally:
+                done.set()
+
+        site: Site = await self.nursery.start(run)
+        self.sites[i] = site
+        self.ports[i] = site.node.address[1]
+        self._stops[i] = (stop, done)
+        return site
+
+    async def stop(self, i: int) -> None:
+        stop, done = self._stops.pop(i)
+        del self.sites[i]
+        stop.set()
+        await done.wait()
+
+    async def stop_all(self) -> None:
+        for i in list(self._stops):
+            await self.stop(i)
+
+    async def form(self, n: int, *, joins_at_once: int = 8, attempts: int = 10) -> None:
+        """Start nodes 0..n-1; each joins through node 0 (as ``scripts/swarm`` does),
+        trying again while its table is empty, as ``qisd run`` does (a lost ping)."""
+        await self.start(0)
+        for i in range(1, n):
+            await self.start(i)
+
+        async def join(i: int) -> None:
+            node = self.sites[i].node
+            for _ in range(attempts):
+                await node.bootstrap([self.address(0)])
+                if len(node.table):
+                    return
+                await trio.sleep(0.2)
+
+        limiter = trio.CapacityLimiter(joins_at_once)
+
+        async def limited(i: int) -> None:
+            async with limiter:
+                await join(i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(1, n):
+                nursery.start_soon(limited, i)
+        # Joins that ran at once may have missed each other: one more lookup of their
+        # own id each (what a node's first bucket refresh does).
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                node = self.sites[i].node
+                nursery.start_soon(node.lookup_nodes, node.me.id)
+
+
+# -- measurements -------------------------------------------------------------------------
+
+Entry = tuple[bytes, bytes]  # (key, packet id)
+
+
+def _read_entries(path: Path) -> set[Entry]:
+    conn = sqlite3.connect(str(path), timeout=30.0)
+    try:
+        now = int(time.time() * 1000)
+        rows = conn.execute(
+            "SELECT e.key, e.id FROM entries e JOIN packets p ON p.id = e.id"
+            " WHERE p.expires_ms > ?",
+            (now,),
+        ).fetchall()
+    finally:
+        conn.close()
+    return {(bytes(k), bytes(i)) for k, i in rows}
+
+
+async def held_entries(swarm: LocalSwarm, nodes: Iterable[int]) -> dict[int, set[Entry]]:
+    """The (key, packet id) entries each node's store holds (read in worker threads)."""
+    out: dict[int, set[Entry]] = {}
+    for i in nodes:
+        out[i] = await trio.to_thread.run_sync(_read_entries, swarm.store_path(i))
+    return out
+
+
+@dataclass(frozen=True)
+class Replication:
+    entries: int
+    #: Entries with at least ``replicas`` copies on the nodes considered.
+    full: int
+    #: Entries held by every one of the ``replicas`` closest of those nodes.
+    closest_hold: int
+    #: Entries with no copy at all on those nodes.
+    lost: int
+    min_copies: int
+    mean_copies: float
+
+    @property
+    def full_share(self) -> float:
+        return self.full / self.entries if self.entries else 1.0
+
+    @property
+    def closest_share(self) -> float:
+        return self.closest_hold / self.entries if self.entries else 1.0
+
+
+def replication(
+    expected: Iterable[Entry],
+    held: dict[int, set[Entry]],
+    node_ids: dict[int, bytes],
+    replicas: int,
+) -> Replication:
+    """Copies of each expected entry over the nodes in ``held`` (pure)."""
+    copies: Counter[Entry] = Counter()
+    for entries in held.values():
+        copies.update(entries)
+    closest_cache: dict[bytes, list[int]] = {}
+    expected = list(expected)
+    full = closest = lost = 0
+    least = None
+    total = 0
+    for key, pid in expected:
+        n = copies[(key, pid)]
+        total += n
+        least = n if least is None else min(least, n)
+        full += n >= replicas
+        lost += n == 0
+        near = closest_cache.get(key)
+        if near is None:
+            target = Node(key)
+            order = sorted(held, key=lambda i: Node(node_ids[i]).distance_to(target))
+            near = closest_cache[key] = order[:replicas]
+        closest += all((key, pid) in held[i] for i in near)
+    return Replication(
+        entries=len(expected),
+        full=full,
+        closest_hold=closest,
+        lost=lost,
+        min_copies=least or 0,
+        mean_copies=total / len(expected) if expected else 0.0,
+    )
+
+
+async def is_found(
+    node: DHTNode, manifest: Manifest, packet: OutcomePacket, *, probe: bool = False, m: int = 5
+) -> bool:
+    """Does ``node`` find ``packet`` in the swarm?
+
+    ``probe=False``: by the packet's exact keys, one key after another until one
+    answer contains it. ``probe=True``: as ``NodeService.query`` does, all multi-probe
+    keys of its own vector at once, top ``m`` by similarity.
+    """
+    if probe:
+        unit = normalize(packet.sketch.to_array())
+        keys = probe_keys(manifest, packet.topic, unit)
+        hits = await node.find_packets(keys, packet.sketch, m)
+        return any(p.id == packet.id for _, p in hits)
+    for key in packet_keys(manifest, packet):
+        hits = await node.find_packets([key], packet.sketch, m)
+        if any(p.id == packet.id for _, p in hits):
+            return True
+    return False
+
+
+async def count_found(
+    packets: Sequence[OutcomePacket],
+    asker: Callable[[int], DHTNode],
+    manifest: Manifest,
+    *,
+    probe: bool = False,
+    concurrency: int = 8,
+) -> list[int]:
+    """Indexes of the packets not found; ``asker(i)`` picks the node asking for packet i."""
+    missing: list[int] = []
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def one(i: int, packet: OutcomePacket) -> None:
+        async with limiter:
+            if not await is_found(asker(i), manifest, packet, probe=probe):
+                missing.append(i)
+
+    async with trio.open_nursery() as nursery:
+        for i, packet in enumerate(packets):
+            nursery.start_soon(one, i, packet)
+    return sorted(missing)
+
+
+async def wait_until(
+    check: Callable[[], Any], *, limit: float, every: float = 1.0
+) -> float | None:
+    """Seconds until ``await check()`` is true, or None once ``limit`` seconds passed."""
+    started = trio.current_time()
+    while True:
+        if await check():
+            return trio.current_time() - started
+        if trio.current_time() - started > limit:
+            return None
+        await trio.sleep(every)
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[j]) for r in cells) for j in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+             for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
