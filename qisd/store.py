@@ -11,6 +11,13 @@ or wholly out, never a packet without its entries. ``synchronous=NORMAL`` in WAL
 survives a killed process (the WAL is in the OS cache); a power cut may lose the last
 transactions but never corrupts the file.
 
+A write the disk refuses (full, read-only, I/O error) rolls its transaction back and
+raises :class:`StoreError` with a code (:mod:`qisd.storage`); reads go on. A store
+found read-only at start opens read-only. Either way the next write tries again (on
+a fresh connection where the file was read-only), so writes resume without a
+restart once the cause is gone; :attr:`PacketStore.failure` holds the last refusal
+until a write succeeds.
+
 The API is synchronous and guarded by one lock, so the daemon runs it in a worker
 thread (``trio.to_thread.run_sync``) and batches writes with :meth:`PacketStore.put_many`.
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +35,18 @@ import numpy as np
 
 from qisd.packet import KIND_SYNTHESIS, OutcomePacket, PacketError, decode_packet
 from qisd.sketch import Sketch, cosine_rows
+from qisd.storage import (
+    STORAGE_FULL,
+    STORAGE_READ_ONLY,
+    StoreError,
+    connect,
+    connect_read_only,
+    read_only_error,
+    writable,
+    write_error,
+)
+
+__all__ = ["PacketStore", "PutResult", "StoreError", "StoreStats"]
 
 SCHEMA_VERSION = 1
 
@@ -57,10 +77,6 @@ CREATE INDEX IF NOT EXISTS packets_by_origin ON packets(origin, series);
 CREATE INDEX IF NOT EXISTS packets_by_topic ON packets(topic, created_ms);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
-
-
-class StoreError(Exception):
-    """The store cannot be used (corrupt, read-only, disk full); the message says which."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +120,7 @@ class PacketStore:
         max_bytes: int,
         origin_quota: float,
         key_quota: int,
+        read_only: bool = False,
     ) -> None:
         self._conn = conn
         self._lock = threading.Lock()
@@ -113,6 +130,11 @@ class PacketStore:
         self.origin_limit = max(1, int(origin_quota * max_packets))
         self.key_quota = key_quota
         self._closed = False
+        #: The last write's refusal (None once a write succeeds): why writes fail now.
+        self.failure: StoreError | None = read_only_error(path) if read_only and path else None
+        # The connection cannot write (opened read-only, or SQLite said read-only or
+        # failed an I/O): the next write reconnects first.
+        self._stale = read_only
         # Running totals so a put costs O(log n), not a COUNT(*) over the table; they
         # are dropped (and recounted on demand) after any bulk delete or rollback.
         self._totals: tuple[int, int] | None = None
@@ -129,35 +151,40 @@ class PacketStore:
         origin_quota: float = 0.25,
         key_quota: int = 10_000,
     ) -> PacketStore:
-        """Open (creating if needed) the store at ``path``; ``":memory:"`` for tests."""
-        memory = str(path) == ":memory:"
-        if not memory:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        """Open (creating if needed) the store at ``path``; ``":memory:"`` for tests.
+
+        An existing store on a read-only filesystem opens read-only (reads work,
+        writes raise ``storage_read_only`` until the filesystem is writable again).
+        """
+        file = None if str(path) == ":memory:" else Path(path)
+        read_only = False
         try:
-            conn = sqlite3.connect(
-                str(path), isolation_level=None, check_same_thread=False, timeout=5.0
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.executescript(_SCHEMA)
-            row = conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
-                raise StoreError(
-                    f"{path}: store schema {row[0]}, this qisd reads {SCHEMA_VERSION}"
-                )
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{path}: cannot open packet store ({exc})") from None
+            if file is not None:
+                file.parent.mkdir(parents=True, exist_ok=True)
+            conn = _open_read_write(path)
+        except (sqlite3.Error, OSError) as exc:
+            if file is None or not file.exists() or writable(file):
+                raise _open_error(file or Path(str(path)), exc) from None
+            try:
+                conn = connect_read_only(file)
+                _check_schema(conn, file)
+            except sqlite3.Error as ro_exc:
+                raise _open_error(file, ro_exc) from None
+            read_only = True
         return cls(
             conn,
-            None if memory else Path(path),
+            file,
             max_packets=max_packets,
             max_bytes=max_bytes,
             origin_quota=origin_quota,
             key_quota=key_quota,
+            read_only=read_only,
         )
+
+    @property
+    def read_only(self) -> bool:
+        """True while the last write was refused because the file is read-only."""
+        return self.failure is not None and self.failure.code == STORAGE_READ_ONLY
 
     def close(self) -> None:
         with self._lock:
@@ -179,23 +206,59 @@ class PacketStore:
         self, items: Sequence[tuple[bytes, OutcomePacket]], *, now_ms: int
     ) -> list[PutResult]:
         """Store a batch in one transaction. The packets must already be verified."""
-        with self._lock:
-            conn = self._conn
+        with self._lock, self._writing():
+            return [self._put_one(key, p, now_ms) for key, p in items]
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (the caller holds the lock): committed whole, or
+        rolled back whole and, for a disk's refusal, raised as a StoreError."""
+        conn = self._writable_connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    results = [self._put_one(key, p, now_ms) for key, p in items]
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    self._forget_counts()
-                    raise
-                conn.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                self._forget_counts()
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise StoreError(f"packet store write failed: {exc}") from None
-            return results
+                yield conn
+            except BaseException:
+                self._abort(conn)
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._abort(conn)
+            failure = self.failure = write_error(exc, self.path)
+            # Read-only or I/O: this connection may keep failing after the cause is
+            # gone; a full disk clears on the same connection.
+            self._stale = failure.code != STORAGE_FULL
+            raise failure from None
+        self.failure = None
+
+    def _abort(self, conn: sqlite3.Connection) -> None:
+        self._forget_counts()
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                # SQLite rolls back itself when it cannot go on (full disk, I/O
+                # error); a fresh connection will find the file consistent.
+                self._stale = True
+
+    def _writable_connection(self) -> sqlite3.Connection:
+        if self._closed:
+            # Never reopened behind close(): a stopped node's store stays as it was left.
+            raise StoreError(f"packet store {self.path or ':memory:'}: closed")
+        if not self._stale or self.path is None:
+            return self._conn
+        if not writable(self.path):
+            raise self.failure or read_only_error(self.path)
+        try:
+            conn = _open_read_write(self.path)
+        except sqlite3.Error as exc:
+            failure = self.failure = write_error(exc, self.path)
+            raise failure from None
+        old, self._conn = self._conn, conn
+        old.close()
+        self._stale = False
+        self._forget_counts()
+        return conn
 
     def _forget_counts(self) -> None:
         self._totals = None
@@ -283,26 +346,20 @@ class PacketStore:
 
     def expire(self, now_ms: int) -> int:
         """Delete expired packets (and their entries); returns how many."""
-        with self._lock:
-            try:
-                cur = self._conn.execute("DELETE FROM packets WHERE expires_ms <= ?", (now_ms,))
-            except sqlite3.OperationalError as exc:
-                raise StoreError(f"packet store expiry failed: {exc}") from None
+        with self._lock, self._writing() as conn:
+            cur = conn.execute("DELETE FROM packets WHERE expires_ms <= ?", (now_ms,))
             if cur.rowcount:
                 self._forget_counts()
             return cur.rowcount
 
     def remove_key(self, key: bytes) -> int:
         """Forget ``key``'s entries (and packets held under no other key)."""
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
+        with self._lock, self._writing() as conn:
             conn.execute("DELETE FROM entries WHERE key=?", (key,))
             cur = conn.execute(
                 "DELETE FROM packets"
                 " WHERE NOT EXISTS (SELECT 1 FROM entries e WHERE e.id = packets.id)"
             )
-            conn.execute("COMMIT")
             self._forget_counts()
             return cur.rowcount
 
@@ -445,3 +502,36 @@ def _trusted(data: bytes) -> OutcomePacket:
         return decode_packet(data, verify=False)
     except PacketError as exc:
         raise StoreError(f"packet store holds an undecodable packet ({exc})") from None
+
+
+def _open_read_write(path: Path | str) -> sqlite3.Connection:
+    conn = connect(path)
+    try:
+        conn.executescript(_SCHEMA)
+        _check_schema(conn, path, create=True)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_schema(conn: sqlite3.Connection, path: Path | str, *, create: bool = False) -> None:
+    row = conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
+    if row is None and create:
+        conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+    elif row is None or row[0] != SCHEMA_VERSION:
+        found = "none" if row is None else row[0]
+        raise StoreError(f"{path}: store schema {found}, this qisd reads {SCHEMA_VERSION}")
+
+
+def _open_error(path: Path, exc: Exception) -> StoreError:
+    if isinstance(exc, StoreError):
+        return exc
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if not path.exists() and not writable(path):
+        return StoreError(
+            f"{path}: cannot create the packet store, its directory is not writable "
+            f"({detail}); make it writable",
+            code=STORAGE_READ_ONLY,
+        )
+    return StoreError(f"{path}: cannot open packet store ({detail})")

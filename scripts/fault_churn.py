@@ -29,12 +29,9 @@ figures instead.
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,17 +44,22 @@ from faultlib import (
     Entry,
     LocalSwarm,
     count_found,
+    dht_config,
     held_entries,
+    log,
+    make_packets,
     packet_keys,
-    random_packet,
+    parse_params,
+    pct,
+    print_result,
+    put_all,
     replication,
+    secs,
     table,
     wait_until,
 )
 
-from qisd.dht import DHTConfig
 from qisd.manifest import Manifest
-from qisd.packet import OutcomePacket
 
 
 @dataclass
@@ -105,55 +107,15 @@ class ChurnResult:
     total_seconds: float = 0.0
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def swarm_config(p: ChurnParams) -> DHTConfig:
-    return DHTConfig(
-        rpc_timeout=p.rpc_timeout,
-        republish_interval=p.republish,
-        # Refresh evicts dead contacts in quiet buckets; a quarter of this is its period.
-        refresh_interval=4 * p.republish,
-        failure_backoff=min(30.0, p.republish / 2),
-    )
-
-
-async def put_all(
-    swarm: LocalSwarm,
-    packets: list[tuple[int, OutcomePacket]],
-    concurrency: int,
-) -> int:
-    ok = 0
-    limiter = trio.CapacityLimiter(concurrency)
-
-    async def one(origin: int, packet: OutcomePacket) -> None:
-        nonlocal ok
-        async with limiter:
-            report = await swarm.sites[origin].node.put_packet(packet)
-            ok += report.ok
-
-    async with trio.open_nursery() as nursery:
-        for origin, packet in packets:
-            nursery.start_soon(one, origin, packet)
-    return ok
-
-
 async def run_churn(p: ChurnParams, root: Path) -> ChurnResult:
     rng = random.Random(p.seed)
     manifest = Manifest()
-    config = swarm_config(p)
+    # Refresh evicts dead contacts in quiet buckets; a quarter of this is its period.
+    config = dht_config(rpc_timeout=p.rpc_timeout, republish=p.republish,
+                        refresh=4 * p.republish, failure_backoff=min(30.0, p.republish / 2))
     started = trio.current_time()
     result = ChurnResult(params=asdict(p), replicas=manifest.replicas)
     topics = [f"churn-{t}" for t in range(p.topics)]
-
-    def make(origins: list[int], count: int) -> list[tuple[int, OutcomePacket]]:
-        out = []
-        for _ in range(count):
-            origin = rng.choice(origins)
-            identity = swarm.identities[origin]
-            out.append((origin, random_packet(identity, rng, manifest, topic=rng.choice(topics))))
-        return out
 
     async with trio.open_nursery() as nursery:
         swarm = LocalSwarm(nursery, root, config=config, manifest=manifest, seed=p.seed)
@@ -162,7 +124,7 @@ async def run_churn(p: ChurnParams, root: Path) -> ChurnResult:
         ids = {i: swarm.identities[i].node_id for i in range(p.nodes)}
 
         t0 = trio.current_time()
-        batch = make(list(range(p.nodes)), p.packets)
+        batch = make_packets(swarm, rng, list(range(p.nodes)), p.packets, topics)
         result.put_ok = await put_all(swarm, batch, p.put_concurrency)
         result.put_seconds = trio.current_time() - t0
         packets = [pk for _, pk in batch]
@@ -205,7 +167,14 @@ async def run_churn(p: ChurnParams, root: Path) -> ChurnResult:
                     return
                 await trio.sleep(poll)
 
-        nursery.start_soon(watch_copies)
+        # Measured while the others are down only: the restart ends the watch.
+        watch_scope = trio.CancelScope()
+
+        async def watch_while_down() -> None:
+            with watch_scope:
+                await watch_copies()
+
+        nursery.start_soon(watch_while_down)
         t0 = trio.current_time()
         missing = await count_found(packets, random_live, manifest)
         result.asked_exact, result.found_exact = len(packets), len(packets) - len(missing)
@@ -216,13 +185,14 @@ async def run_churn(p: ChurnParams, root: Path) -> ChurnResult:
         result.asked_probe, result.found_probe = len(sample), len(sample) - len(missing)
         log(f"found {result.found_probe}/{len(sample)} by query with own vector")
 
-        extra = make(live, p.outage_packets)
+        extra = make_packets(swarm, rng, live, p.outage_packets, topics)
         result.outage_put_ok = await put_all(swarm, extra, p.put_concurrency)
         packets += [pk for _, pk in extra]
         expected += [(k, pk.id) for _, pk in extra for k in packet_keys(manifest, pk)]
         log(f"put {result.outage_put_ok}/{len(extra)} packets during the outage")
         with trio.move_on_after(p.settle_timeout):
             await settled.wait()
+        watch_scope.cancel()
         log(f"re-replicated on the running nodes: {result.rereplicate_seconds}")
 
         # -- restart them ------------------------------------------------------------
@@ -267,14 +237,6 @@ async def run_churn(p: ChurnParams, root: Path) -> ChurnResult:
     return result
 
 
-def pct(a: int, b: int) -> str:
-    return f"{100.0 * a / b:.2f}%" if b else "-"
-
-
-def secs(x: float | None) -> str:
-    return "not within the timeout" if x is None else f"{x:.0f} s"
-
-
 def render(r: ChurnResult) -> str:
     p = r.params
     rows = [
@@ -303,30 +265,10 @@ def render(r: ChurnResult) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    d = ChurnParams()
-    parser.add_argument("--nodes", type=int, default=d.nodes)
-    parser.add_argument("--packets", type=int, default=d.packets)
-    parser.add_argument("--stop", type=float, default=d.stop, help="share of nodes stopped")
-    parser.add_argument("--outage-packets", type=int, default=d.outage_packets)
-    parser.add_argument("--topics", type=int, default=d.topics)
-    parser.add_argument("--republish", type=float, default=d.republish,
-                        help="republish interval, seconds")
-    parser.add_argument("--rpc-timeout", type=float, default=d.rpc_timeout)
-    parser.add_argument("--probe-sample", type=int, default=d.probe_sample)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--settle-timeout", type=float, default=d.settle_timeout)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    params = ChurnParams(
-        nodes=args.nodes, packets=args.packets, stop=args.stop,
-        outage_packets=args.outage_packets, topics=args.topics, republish=args.republish,
-        rpc_timeout=args.rpc_timeout, probe_sample=args.probe_sample, seed=args.seed,
-        settle_timeout=args.settle_timeout,
-    )
+    params, as_json = parse_params(ChurnParams, __doc__)
     with tempfile.TemporaryDirectory(prefix="qisd-churn-") as tmp:
         result = trio.run(run_churn, params, Path(tmp))
-    print(json.dumps(asdict(result), indent=2) if args.json else render(result))
+    print_result(result, render, as_json)
 
 
 if __name__ == "__main__":

@@ -22,138 +22,20 @@ more, offline.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import random
-import signal
-import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from faultlib import table
+from faultlib import parse_params, print_result, table
+from faultproc import STORE_FILE, QisdProcess, StoreCheck, check_store
 
 from qisd.control.client import Client
-from qisd.packet import PacketError, decode_packet
-
-READY_TIMEOUT = 30.0
-STORE_FILE = "packets.db"
-
-
-class QisdProcess:
-    """One ``qisd run`` (127.0.0.1, port 0, no metrics), ready on its own READY=1."""
-
-    def __init__(self, root: Path, name: str = "crash", *, extra: tuple[str, ...] = ()) -> None:
-        self.root = root
-        self.state_dir = root / name
-        self.socket = root / f"{name}.sock"
-        self.log = root / f"{name}.log"
-        self.extra = extra
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> float:
-        """Start and wait for READY=1; the seconds that took."""
-        import socket as so
-
-        notify_path = self.root / "notify.sock"
-        notify_path.unlink(missing_ok=True)
-        notify = so.socket(so.AF_UNIX, so.SOCK_DGRAM)
-        notify.bind(str(notify_path))
-        cmd = [
-            sys.executable, "-m", "qisd", "run", "--state-dir", str(self.state_dir),
-            "--socket", str(self.socket), "--listen", "127.0.0.1:0", "--metrics", "off",
-            *self.extra,
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QISD_")}
-        env.update(NOTIFY_SOCKET=str(notify_path), QISD_LOG_FORMAT="json")
-        started = time.monotonic()
-        try:
-            with self.log.open("ab") as log:
-                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            deadline = started + READY_TIMEOUT
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"qisd did not become ready (exit {self.proc.poll()}):\n"
-                        + self.log.read_text(errors="replace")[-3000:]
-                    )
-                notify.settimeout(min(remaining, 0.5))
-                try:
-                    if b"READY=1" in notify.recv(4096):
-                        return time.monotonic() - started
-                except TimeoutError:
-                    continue
-        finally:
-            notify.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
-
-@dataclass
-class StoreCheck:
-    integrity: str
-    foreign_key_violations: int
-    packets: int
-    entries: int
-    bad_packets: int
-    packets_without_entries: int
-    missing_acked: int
-
-    @property
-    def clean(self) -> bool:
-        return (
-            self.integrity == "ok"
-            and self.foreign_key_violations == 0
-            and self.bad_packets == 0
-            and self.packets_without_entries == 0
-            and self.missing_acked == 0
-        )
-
-
-def check_store(path: Path, acked: set[str]) -> StoreCheck:
-    """Check the SQLite store at ``path`` (the daemon may be running: WAL readers are fine)."""
-    conn = sqlite3.connect(str(path), timeout=30.0)
-    try:
-        integrity = "; ".join(r[0] for r in conn.execute("PRAGMA integrity_check"))
-        fk = len(conn.execute("PRAGMA foreign_key_check").fetchall())
-        bad = 0
-        held: set[str] = set()
-        for pid, data in conn.execute("SELECT id, data FROM packets"):
-            try:
-                packet = decode_packet(bytes(data))  # signature verified
-            except PacketError:
-                bad += 1
-                continue
-            if packet.id != bytes(pid):
-                bad += 1
-            held.add(bytes(pid).hex())
-        packets = len(held)
-        entries = conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
-        lonely = conn.execute(
-            "SELECT COUNT(*) FROM packets p"
-            " WHERE NOT EXISTS (SELECT 1 FROM entries e WHERE e.id = p.id)"
-        ).fetchone()[0]
-    finally:
-        conn.close()
-    return StoreCheck(integrity, fk, packets, int(entries), bad, int(lonely), len(acked - held))
 
 
 @dataclass
@@ -257,20 +139,19 @@ def render(r: CrashResult) -> str:
     return out
 
 
+@dataclass
+class CrashParams:
+    cycles: int = 20
+    batch: int = 100
+    seed: int = 1
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cycles", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    p, as_json = parse_params(CrashParams, __doc__)
     # A short directory: Unix socket paths are limited to 108 bytes.
     with tempfile.TemporaryDirectory(prefix="qisd-crash-", dir="/tmp") as tmp:
-        result = run_crash(Path(tmp), cycles=args.cycles, batch=args.batch, seed=args.seed)
-    if args.json:
-        print(json.dumps(asdict(result), indent=2))
-    else:
-        print(render(result))
+        result = run_crash(Path(tmp), cycles=p.cycles, batch=p.batch, seed=p.seed)
+    print_result(result, render, as_json)
 
 
 if __name__ == "__main__":

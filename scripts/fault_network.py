@@ -23,12 +23,9 @@ probability 1 - (1 - loss)^2 (9.75% at 5%) and takes at least 2 x delay.
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +37,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from faultlib import (
     Impairment,
     LocalSwarm,
+    dht_config,
     is_found,
-    random_packet,
+    log,
+    make_packets,
+    parse_params,
+    pct,
+    print_result,
+    put_all,
+    secs,
     table,
 )
 
-from qisd.dht import DHTConfig
 from qisd.manifest import Manifest
 from qisd.packet import OutcomePacket
 
@@ -91,19 +94,6 @@ class NetworkResult:
     total_seconds: float = 0.0
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def network_config(p: NetworkParams) -> DHTConfig:
-    return DHTConfig(
-        rpc_timeout=p.rpc_timeout,
-        refresh_interval=p.refresh,
-        republish_interval=p.republish,
-        failure_backoff=p.failure_backoff,
-    )
-
-
 async def run_network(p: NetworkParams, root: Path) -> NetworkResult:
     rng = random.Random(p.seed)
     manifest = Manifest()
@@ -114,31 +104,18 @@ async def run_network(p: NetworkParams, root: Path) -> NetworkResult:
 
     async with trio.open_nursery() as nursery:
         swarm = LocalSwarm(
-            nursery, root, config=network_config(p), manifest=manifest,
+            nursery, root,
+            config=dht_config(rpc_timeout=p.rpc_timeout, republish=p.republish,
+                              refresh=p.refresh, failure_backoff=p.failure_backoff),
+            manifest=manifest,
             impairment=impairment, seed=p.seed,
         )
         log(f"forming {p.nodes} nodes under {p.loss:.0%} loss, {p.delay * 1000:.0f} ms delay")
         await swarm.form(p.nodes)
 
         async def put_from(origins: list[int], count: int) -> tuple[list[OutcomePacket], int]:
-            made: list[tuple[int, OutcomePacket]] = []
-            for _ in range(count):
-                o = rng.choice(origins)
-                made.append((o, random_packet(swarm.identities[o], rng, manifest,
-                                              topic=rng.choice(topics))))
-            ok = 0
-            limiter = trio.CapacityLimiter(p.concurrency * 2)
-
-            async def one(o: int, packet: OutcomePacket) -> None:
-                nonlocal ok
-                async with limiter:
-                    report = await swarm.sites[o].node.put_packet(packet)
-                ok += report.ok
-
-            async with trio.open_nursery() as inner:
-                for o, packet in made:
-                    inner.start_soon(one, o, packet)
-            return [pk for _, pk in made], ok
+            made = make_packets(swarm, rng, origins, count, topics)
+            return [pk for _, pk in made], await put_all(swarm, made, p.concurrency * 2)
 
         packets, result.put_ok = await put_from(list(range(p.nodes)), p.packets)
         log(f"put {result.put_ok}/{p.packets}")
@@ -185,11 +162,18 @@ async def run_network(p: NetworkParams, root: Path) -> NetworkResult:
                 swarm.sites[rng.choice(half)].node, manifest, packet, probe=True, m=p.k
             )
 
-        for side, packet in split:
+        async def split_check(side: int, packet: OutcomePacket) -> None:
+            async with limiter:
+                own = await found_from(halves[side], packet)
+                other = await found_from(halves[1 - side], packet)
             result.split_asked_own_side += 1
-            result.split_found_own_side += await found_from(halves[side], packet)
+            result.split_found_own_side += own
             result.split_asked_other_side += 1
-            result.split_found_other_side += await found_from(halves[1 - side], packet)
+            result.split_found_other_side += other
+
+        async with trio.open_nursery() as inner:
+            for side, packet in split:
+                inner.start_soon(split_check, side, packet)
         log(f"during the partition: {result.split_found_own_side}/{result.split_asked_own_side}"
             f" found on their own side, {result.split_found_other_side}/"
             f"{result.split_asked_other_side} on the other")
@@ -224,16 +208,20 @@ async def run_network(p: NetworkParams, root: Path) -> NetworkResult:
             log(f"  after heal: {len(pending[0])} | {len(pending[1])} packets not yet found")
             return not pending[0] and not pending[1]
 
+        sweeps = 0
         while trio.current_time() - healed_at < p.heal_timeout:
+            sweeps += 1
             if await sweep():
                 result.heal_seconds = trio.current_time() - healed_at
                 break
             await trio.sleep(2.0)
-        # A last full pass from both sides, the one reported.
+        # A full pass from both sides is the one reported: the first sweep was one
+        # if it found everything; otherwise ask for every packet once more.
         result.asked_after_heal = len(everything)
-        for side in (0, 1):
-            pending[side] = list(everything)
-        await sweep()
+        if sweeps != 1 or result.heal_seconds is None:
+            for side in (0, 1):
+                pending[side] = list(everything)
+            await sweep()
         result.found_after_heal = {
             "side_a": len(everything) - len(pending[0]),
             "side_b": len(everything) - len(pending[1]),
@@ -244,13 +232,8 @@ async def run_network(p: NetworkParams, root: Path) -> NetworkResult:
     return result
 
 
-def pct(a: int, b: int) -> str:
-    return f"{100.0 * a / b:.2f}%" if b else "-"
-
-
 def render(r: NetworkResult) -> str:
     p = r.params
-    heal = "not within the timeout" if r.heal_seconds is None else f"{r.heal_seconds:.0f} s"
     rows = [
         ("swarm", f"{p['nodes']} nodes, rpc_timeout {p['rpc_timeout']} s, refresh "
                   f"{p['refresh']:.0f} s, republish {p['republish']:.0f} s"),
@@ -264,7 +247,7 @@ def render(r: NetworkResult) -> str:
         ("packets put during the partition", f"{r.split_put_ok}/{2 * p['split_packets']}"),
         ("  found on their own side", f"{r.split_found_own_side}/{r.split_asked_own_side}"),
         ("  found across the cut", f"{r.split_found_other_side}/{r.split_asked_other_side}"),
-        ("every packet found from both halves after heal", heal),
+        ("every packet found from both halves after heal", secs(r.heal_seconds)),
         ("found after heal, half A / half B",
          f"{r.found_after_heal.get('side_a', 0)}/{r.asked_after_heal} / "
          f"{r.found_after_heal.get('side_b', 0)}/{r.asked_after_heal}"),
@@ -274,19 +257,10 @@ def render(r: NetworkResult) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    d = NetworkParams()
-    for name in ("nodes", "packets", "queries", "k", "split_packets", "seed", "concurrency"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
-    for name in ("loss", "delay", "partition", "rpc_timeout", "refresh", "republish",
-                 "failure_backoff", "heal_timeout"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    params = NetworkParams(**{k: v for k, v in vars(args).items() if k != "json"})
+    params, as_json = parse_params(NetworkParams, __doc__)
     with tempfile.TemporaryDirectory(prefix="qisd-net-") as tmp:
         result = trio.run(run_network, params, Path(tmp))
-    print(json.dumps(asdict(result), indent=2) if args.json else render(result))
+    print_result(result, render, as_json)
 
 
 if __name__ == "__main__":

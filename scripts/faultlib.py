@@ -11,6 +11,9 @@
   independent random loss (``loss``), and a fixed one-way delay (``delay`` seconds,
   order preserved) before it is handed to the kernel. A round trip crosses it twice,
   as with ``tc netem`` on every node's interface (which this kernel lacks).
+- The scripts' common shell: :func:`log` (progress on stderr), :func:`parse_params`
+  (command-line flags from a parameters dataclass), :func:`print_result`, :func:`table`,
+  :func:`pct` and :func:`secs`.
 - Measurements over the stores, read through separate SQLite connections (WAL lets
   them read while the nodes write): which (key, packet) entries each node holds, how
   many copies each entry has, and whether the ``replicas`` closest nodes of each key
@@ -19,16 +22,20 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import math
 import random
 import sqlite3
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import trio
@@ -45,6 +52,7 @@ from qisd.sketch import make_sketch, normalize
 from qisd.store import PacketStore
 
 STORE_FILE = "packets.db"
+P = TypeVar("P")
 
 
 # -- the network emulator -------------------------------------------------------------
@@ -158,6 +166,52 @@ def random_packet(
         sketch=make_sketch(vector),
         outcome={"ok": rng.random() < 0.5, "score": round(rng.random(), 4)},
         ttl_s=ttl_s,
+    )
+
+
+def make_packets(
+    swarm: LocalSwarm, rng: random.Random, origins: Sequence[int], count: int,
+    topics: Sequence[str],
+) -> list[tuple[int, OutcomePacket]]:
+    """``count`` packets, each from a random one of ``origins`` on a random topic."""
+    out = []
+    for _ in range(count):
+        origin = rng.choice(origins)
+        packet = random_packet(swarm.identities[origin], rng, swarm.manifest,
+                               topic=rng.choice(topics))
+        out.append((origin, packet))
+    return out
+
+
+async def put_all(
+    swarm: LocalSwarm, packets: Sequence[tuple[int, OutcomePacket]], concurrency: int
+) -> int:
+    """Put each packet from its origin node, ``concurrency`` at a time; how many went
+    to at least one node for every key."""
+    ok = 0
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def one(origin: int, packet: OutcomePacket) -> None:
+        nonlocal ok
+        async with limiter:
+            report = await swarm.sites[origin].node.put_packet(packet)
+        ok += report.ok
+
+    async with trio.open_nursery() as nursery:
+        for origin, packet in packets:
+            nursery.start_soon(one, origin, packet)
+    return ok
+
+
+def dht_config(
+    *, rpc_timeout: float, republish: float, refresh: float, failure_backoff: float
+) -> DHTConfig:
+    """The DHT settings the experiments vary (everything else at its default)."""
+    return DHTConfig(
+        rpc_timeout=rpc_timeout,
+        republish_interval=republish,
+        refresh_interval=refresh,
+        failure_backoff=failure_backoff,
     )
 
 
@@ -447,3 +501,44 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
              for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def pct(a: int, b: int) -> str:
+    return f"{100.0 * a / b:.2f}%" if b else "-"
+
+
+def secs(x: float | None) -> str:
+    return "not within the timeout" if x is None else f"{x:.0f} s"
+
+
+# -- the scripts' shell -----------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    """A progress line on stderr (stdout carries the result)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_params(cls: type[P], doc: str | None, argv: Sequence[str] | None = None
+                 ) -> tuple[P, bool]:
+    """The parameters dataclass ``cls`` from the command line (one ``--flag`` per
+    int, float or str field, its default shown) and whether ``--json`` was given."""
+    # The description is the docstring's first paragraph.
+    summary = " ".join((doc or "").strip().split("\n\n")[0].split())
+    parser = argparse.ArgumentParser(description=summary or None)
+    fields = [f for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+              if f.default is not dataclasses.MISSING]
+    for f in fields:
+        kind = type(f.default)
+        if kind not in (int, float, str):
+            continue
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
+                            help=f"default {f.default}")
+    parser.add_argument("--json", action="store_true", help="print the raw figures as JSON")
+    args = vars(parser.parse_args(argv))
+    as_json = bool(args.pop("json"))
+    return cls(**args), as_json
+
+
+def print_result(result: Any, render: Callable[[Any], str], as_json: bool) -> None:
+    print(json.dumps(dataclasses.asdict(result), indent=2) if as_json else render(result))

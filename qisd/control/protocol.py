@@ -21,8 +21,11 @@ connection. Blank lines are ignored. Error codes:
 ``too_large``         the request line is longer than the server's limit (1 MiB by
                       default); the rest of that line is skipped
 ``invalid``           the daemon refused the content (a bad vector, outcome, topic)
-``unavailable``       the daemon cannot do it now (read-only store, too many
-                      connections)
+``unavailable``       the daemon cannot do it now (too many connections)
+``storage_full``      the packet store's disk is full: nothing was stored; reads
+                      and queries still work, writes resume once space is freed
+``storage_read_only`` the packet store's directory is read-only (same behaviour)
+``storage_error``     the packet store's disk failed (an I/O error)
 ``forbidden``         the peer's uid/gid may not use this socket; the server closes
 ``internal``          a bug in the daemon; the connection stays usable
 ===================== ==========================================================
@@ -64,6 +67,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qisd.control.errors import ControlError
+from qisd.storage import STORAGE_CODES
 
 __all__ = [
     "BAD_REQUEST",
@@ -106,7 +110,7 @@ FORBIDDEN = "forbidden"
 INTERNAL = "internal"
 ERROR_CODES = frozenset(
     {BAD_REQUEST, UNKNOWN_METHOD, UNSUPPORTED_VERSION, TOO_LARGE, INVALID, UNAVAILABLE,
-     FORBIDDEN, INTERNAL}
+     FORBIDDEN, INTERNAL, *STORAGE_CODES}
 )
 #: Client-side only: the daemon's reply did not follow this protocol.
 BAD_REPLY = "bad_reply"

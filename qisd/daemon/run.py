@@ -90,6 +90,9 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             origin_quota=config.store.origin_quota,
             key_quota=config.store.key_quota,
         )
+        if store.failure is not None:
+            log.warning("packet store read-only: serving queries, refusing writes",
+                        code=store.failure.code, error=str(store.failure))
         try:
             await _serve(config, notifier, state_dir, manifest, identity, store)
         finally:

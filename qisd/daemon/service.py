@@ -108,6 +108,16 @@ class NodeService:
             "emitted": self.emitted,
             "queries": self.queries,
             "synthesised": self.synthesised,
+            "storage": self.storage(),
+        }
+
+    def storage(self) -> dict[str, Any]:
+        """Whether the store can write now (the last write's outcome) and its file."""
+        failure = self.store.failure
+        return {
+            "path": str(self.store.path) if self.store.path else ":memory:",
+            "state": "ok" if failure is None else failure.code,
+            "error": None if failure is None else str(failure),
         }
 
     async def peers(self) -> dict[str, Any]:
@@ -225,11 +235,17 @@ class NodeService:
         try:
             report = await self.node.put_packet(packet)
         except StoreError as exc:
-            raise ControlError("unavailable", str(exc)) from None
+            raise ControlError(exc.code, str(exc)) from None
         finally:
             self._inflight -= 1
             if not self._inflight:
                 self._idle.set()
+        failure = self.store.failure
+        if not report.ok and failure is not None:
+            # Some key of the packet has no copy anywhere because this node's store
+            # refused it (disk full, read-only): say so, naming the file, so the
+            # application can retry once the disk is fixed.
+            raise ControlError(failure.code, str(failure))
         self.emitted += 1
         self.watches.publish(packet)
         return report.copies

@@ -3,7 +3,8 @@
 Pure (no trio, no sockets):
 
 - ``wire``        rpcudp framing, bounded msgpack, argument validators
-- ``ratelimit``   token buckets per source and in total
+- ``deferred``    what a handler returns besides an answer (``Deferred``, ``NO_REPLY``)
+- ``ratelimit``   token buckets per source and in total, whom a request counts against
 - ``routing``     stock k-buckets that return decisions (ping head, reject) instead of I/O
 - ``traverse``    state of one iterative lookup (shortlist, termination, hops)
 - ``values``      bounded stock values, listen registrations, peer memory

@@ -11,8 +11,9 @@ the earliest one is always at the head of a queue.
 
 :class:`PeerCalls` addresses a group by contact and keeps the node's books the
 way :meth:`qisd.dht.node.DHTNode.call` does: a peer that failed lately fails again
-at once, an answer welcomes the peer into the routing table (paper 2.2), silence
-puts it in backoff and, unless the request said otherwise, out of the table.
+at once (not asked, so not counted against it again), an answer welcomes the peer
+into the routing table (paper 2.2), silence puts it in backoff and, unless the
+request said otherwise, counts against it in the table (paper 4.1).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class PeerCalls:
         return self.group.in_flight
 
     async def send(self, peer: Node, name: str, args: list[Any], *, evict: bool = True) -> None:
-        """Ask ``peer``; silence evicts it from the routing table if ``evict``."""
+        """Ask ``peer``; silence counts against it in the routing table if ``evict``."""
         addr = (peer.ip, peer.port)
         if self.node.failed_peers.has(addr, trio.current_time()):
             self.group.settle((peer, name, evict, False), False)
@@ -148,10 +149,11 @@ class PeerCalls:
         if ok:
             node.welcome(peer)
         else:
+            # A request skipped for backoff was never sent: it says nothing new.
             if sent:
                 node.failed_peers.add((peer.ip, peer.port), trio.current_time())
-            if evict:
-                node.table.contact_failed(peer)
+                if evict:
+                    node.table.contact_failed(peer)
         return peer, name, ok, result
 
     def close(self) -> None:

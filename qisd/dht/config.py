@@ -52,6 +52,11 @@ class DHTConfig:
     store_threads: int = 2
     #: Pages fetched from one node per ``find_packets`` key.
     max_pages: int = 8
+    #: A ``find_packets`` key lookup stops once this many nodes among the key's
+    #: ``replicas`` closest known have answered with packets (their answers are
+    #: unioned, so one stale or partial replica is covered); see
+    #: :meth:`qisd.dht.packets.PacketOps.lookup_packets`.
+    find_holders: int = 2
 
     def __post_init__(self) -> None:
         for f in fields(self):

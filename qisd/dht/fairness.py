@@ -1,7 +1,7 @@
 """A fair share of the handler slots for each source (pure apart from the wrapped work).
 
 Rate limits (:mod:`qisd.dht.ratelimit`) bound how many requests a source may send,
-but a request that must wait for storage (:class:`~qisd.dht.transport.Deferred`:
+but a request that must wait for storage (:class:`~qisd.dht.deferred.Deferred`:
 ``store_packets``, ``find_packets``) holds one of the transport's ``max_handlers``
 slots, and the worker threads serve them first come, first served. A peer sending
 within its rate could still keep every slot and the thread queue busy, so everyone
@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Hashable
 from typing import Any
 
-from qisd.dht.transport import Deferred
+from qisd.dht.deferred import Deferred
 
 
 class FairShare:

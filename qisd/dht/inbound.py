@@ -11,7 +11,8 @@ Every packet offered is counted as accepted or refused by reason
 (:meth:`~qisd.dht.stats.Counters.packet_statuses`). A replayed packet is a
 ``duplicate``: the store holds it once, so it is neither delivered nor pushed again;
 pushed packets (``notify``, no store involved) are remembered by id for the same
-reason.
+reason. A store that cannot write refuses with ``rejected:disk`` (see
+:mod:`qisd.dht.ingest`); reads and the rest of the node go on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from qisd.dht.ingest import Ingest
 from qisd.dht.paging import batches, find_reply, verify_all
 from qisd.packet import OutcomePacket, PacketError
 from qisd.sketch import Sketch
+from qisd.store import StoreError
 
 if TYPE_CHECKING:
     from qisd.dht.node import DHTNode
@@ -102,7 +104,16 @@ class Inbound:
         store = self.node.store
         assert store is not None
         items = [(key, p) for p in packets]
-        results = await self.node.in_thread(store.put_many, items, now_ms=self.node.wall_ms())
+        try:
+            results = await self.node.in_thread(
+                store.put_many, items, now_ms=self.node.wall_ms()
+            )
+        except StoreError as exc:
+            # Refused like a peer's refusal: the placement looks elsewhere, and the
+            # caller (emit) learns why from ``store.failure``.
+            results = self.ingest.refuse(exc, len(items))
+        else:
+            self.ingest.stored()
         self.after_store(key, packets, results, source)
         return [status_text(r) for r in results]
 

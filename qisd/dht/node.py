@@ -123,12 +123,19 @@ class DHTNode:
             await nursery.start(self.transport.serve)
             await self.packets.reload_held()
             restored = await state.load(self)
+            if not self.admission.required:
+                for contact in restored:
+                    self.table.add_contact(contact)
             await nursery.start(maintenance.run, self)
             if restored:
-                nursery.start_soon(self._rejoin)
+                nursery.start_soon(self._rejoin, restored)
             task_status.started()
 
-    async def _rejoin(self) -> None:
+    async def _rejoin(self, restored: list[Node]) -> None:
+        if self.admission.required:
+            # A saved table proves nothing: in a closed swarm each contact enters
+            # only once it has proven its key again (qisd.dht.admission).
+            await self.admission.restore(restored)
         # Contacts from the state file may be stale: a lookup of our own id pings
         # them, evicts the dead ones and tells the live ones we are back.
         await self.lookup_nodes(self.me.id)
@@ -167,6 +174,7 @@ class DHTNode:
         if not self.admission.admitted(contact):
             self.admission.request(contact)  # welcomed again once it proves its key
             return
+        self.admission.seen(contact)
         self.failed_peers.discard((contact.ip, contact.port))
         result = self.table.add_contact(contact)
         if result.action == ADDED:
@@ -183,10 +191,20 @@ class DHTNode:
                 self.spawn(self._ping_head, head)
 
     async def _ping_head(self, head: Node) -> None:
-        # Answer: ``call`` moves it to the bucket's tail. Silence: ``call`` removes
-        # it and the newest replacement (the newcomer) takes its place.
+        # Paper 2.2: a full bucket's head is evicted only if it fails to answer a
+        # ping, so the ping is sent even while the head is in failure backoff (a
+        # backoff skip would evict it unasked). Answered with its id: it moves to the
+        # bucket's tail and the newcomer waits in the replacement cache. Silence (or
+        # another node at its address): it goes, and the newest replacement (the
+        # newcomer) takes its place.
+        addr = (head.ip, head.port)
         try:
-            await self.call(head, "ping", [self.me.id])
+            ok, result = await self.transport.call(addr, "ping", [self.me.id])
+            if ok and result == head.id:
+                self.welcome(head)
+            else:
+                self.failed_peers.add(addr, trio.current_time())
+                self.table.remove_contact(head)
         finally:
             self._pinging.discard(head.id)
 
@@ -207,19 +225,19 @@ class DHTNode:
         """One RPC to ``peer``; an answer welcomes it, silence counts against it
         (if ``evict``: see ``RoutingTable.contact_failed``, paper 4.1).
 
-        A peer that failed within ``failure_backoff`` seconds fails again at once.
+        A peer that failed within ``failure_backoff`` seconds fails again at once,
+        without a request; that counts against it no further (it was not asked).
         """
         addr = (peer.ip, peer.port)
         if self.failed_peers.has(addr, trio.current_time()):
-            ok, result = False, None
-        else:
-            ok, result = await self.transport.call(addr, name, args)
-            if not ok:
-                self.failed_peers.add(addr, trio.current_time())
+            return False, None
+        ok, result = await self.transport.call(addr, name, args)
         if ok:
             self.welcome(peer)
-        elif evict:
-            self.table.contact_failed(peer)
+        else:
+            self.failed_peers.add(addr, trio.current_time())
+            if evict:
+                self.table.contact_failed(peer)
         return ok, result
 
     def parse_nodes(self, rpc: str, value: Any) -> list[Node] | None:

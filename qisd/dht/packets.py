@@ -6,9 +6,11 @@
   node that fails or refuses is replaced by the next closest). With no peer
   reachable the packet stays here, and hand-off moves it once peers appear.
 - :meth:`PacketOps.find_packets`: for each key, a FIND_PACKETS lookup (width
-  ``replicas``) that collects the packets every responsible node returns, pages
-  further where a node says ``more``, then verifies each packet once and ranks all
-  by cosine to the query here (a peer's similarity figure is never trusted).
+  ``replicas``) that collects the packets the responsible nodes return and stops
+  once ``find_holders`` of the ``replicas`` closest have answered with packets (see
+  :meth:`PacketOps.lookup_packets`), pages further where a node says ``more``, then
+  verifies each packet once and ranks all by cosine to the query here (a peer's
+  similarity figure is never trusted).
 - Stock nodes ignore packet RPCs: a peer that never answered one but answers a
   ping is remembered as such (not evicted) and left out of placement; lookups
   still route through it with ``find_node``. An overloaded qisd peer says "busy"
@@ -30,7 +32,7 @@ from qisd.dht.api import KeyPlacement, PutReport
 from qisd.dht.inbound import OK_STATUSES, Inbound
 from qisd.dht.lookup import Reply
 from qisd.dht.paging import MAX_BATCH, batches, verify_all
-from qisd.dht.traverse import LookupState
+from qisd.dht.traverse import FAILED, LookupState
 from qisd.dht.wire import ID_BYTES
 from qisd.fingerprint import keys_for
 from qisd.packet import OutcomePacket, PacketError, check_admissible, packet_id
@@ -52,6 +54,28 @@ class FindReply(NamedTuple):
     packets: list[bytes]
     more: bool
     busy: bool
+
+
+def holders_among_closest(
+    state: LookupState, holders: set[bytes], *, here: Node | None = None
+) -> int:
+    """How many of the ``width`` closest live nodes ``state`` knows are in ``holders``.
+
+    ``here`` (this node, when its own store answered with packets) takes its place
+    among them by distance and counts as a holder if it is that close.
+    """
+    status = state.shortlist.status
+    window: list[tuple[int, bool]] = []
+    for distance, node_id in state.shortlist.order:
+        if status[node_id] == FAILED:
+            continue
+        window.append((distance, node_id in holders))
+        if len(window) == state.width:
+            break
+    if here is not None:
+        window.append((state.target.long_id ^ here.long_id, True))
+        window.sort()
+    return sum(held for _, held in window[: state.width])
 
 
 class PacketOps(Inbound):
@@ -187,11 +211,12 @@ class PacketOps(Inbound):
         unverified: dict[bytes, bytes] = {}
 
         async def one(key: bytes) -> None:
+            found_here: Sequence[tuple[float, OutcomePacket]] = ()
             if node.store is not None and self.may_hold(key):
-                local = await node.in_thread(node.store.top, key, query, m, now_ms=now_ms)
-                for sim, packet in local:
+                found_here = await node.in_thread(node.store.top, key, query, m, now_ms=now_ms)
+                for sim, packet in found_here:
                     found[packet.id] = (float(sim), packet)
-            for raw in await self.lookup_packets(key, query, m):
+            for raw in await self.lookup_packets(key, query, m, held_here=bool(found_here)):
                 pid = packet_id(raw)
                 if pid not in found:
                     unverified.setdefault(pid, raw)
@@ -213,13 +238,49 @@ class PacketOps(Inbound):
         ranked = sorted(found.values(), key=lambda item: (-item[0], item[1].id))
         return ranked[:m]
 
-    async def lookup_packets(self, key: bytes, query: Sketch, m: int) -> list[bytes]:
-        """FIND_PACKETS for one key: the encoded packets the responsible nodes hold."""
+    async def lookup_packets(
+        self, key: bytes, query: Sketch, m: int, *, held_here: bool = False
+    ) -> list[bytes]:
+        """FIND_PACKETS for one key: the encoded packets the responsible nodes hold.
+
+        Every replica of a key holds the same packets in a settled swarm, so asking
+        all ``replicas`` closest nodes (the lookup's natural end) returns the same
+        top ``m`` that many times over. The lookup stops instead once
+        ``find_holders`` (default 2) nodes have answered with at least one packet
+        *and* are, when the answer arrives, among the ``replicas`` closest live
+        nodes the lookup knows (this node too, when ``held_here``: its own store
+        answered with packets and it is that close). Their answers are unioned, and
+        each of them is paged to its own top ``m`` afterwards (``more``), so the
+        result misses a packet only if every counted holder lacks it: one stale or
+        partial replica (a fresh closest node that hand-off has not filled yet, a
+        replica that was down during a put) is covered by the other.
+
+        Why "among the closest known" and not just "any two holders": placement
+        stores at every node it asks (:meth:`place`), and old replicas keep their
+        copies until expiry, so nodes passed on the way to the key may hold an
+        extra, older or partial set. Such a node answers early (it is asked first)
+        but names closer nodes, which push it out of the window before it can
+        count; holders only count once the lookup has reached the key's
+        neighbourhood. A stricter "every node closer than the counted holders has
+        answered" would also wait for slow or in-flight closer replicas, which
+        costs latency and RPCs when answers arrive out of order, for no gain when
+        replicas agree. Here a replica still in flight keeps its place in the window
+        but is not waited for, and one that fails leaves it (the next closest takes
+        its place), so dead or slow replicas never block the stop.
+
+        With no holder in reach (nobody holds anything, or fewer than
+        ``find_holders`` replicas are up) the lookup runs to its normal end, as
+        before. Stopping cancels the requests still in flight
+        (:func:`~qisd.dht.lookup.iterate`); their late answers are dropped.
+        """
         node, me = self.node, self.node.me
         limit = min(m, MAX_BATCH)
         wire_sketch = [query.dim, query.bits, query.data]
         collected: list[bytes] = []
         more_from: list[tuple[Node, int]] = []
+        holders: set[bytes] = set()
+        need = node.config.find_holders
+        here = me if held_here else None
 
         async def find(peer: Node) -> Reply | None:
             if node.stock_peers.has((peer.ip, peer.port), trio.current_time()):
@@ -235,7 +296,12 @@ class PacketOps(Inbound):
                 collected.extend(packets)
                 if more and 0 < len(packets) < m:
                     more_from.append((peer, len(packets)))
-            return False
+                if packets:
+                    holders.add(peer.id)
+            # Checked on every answer: closer nodes it names can push a holder out.
+            return len(holders) + held_here >= need and (
+                holders_among_closest(st, holders, here=here) >= need
+            )
 
         width = max(1, self.node.replicas)
         st = LookupState(key, node.seeds(key), width=width, exclude=[me.id])

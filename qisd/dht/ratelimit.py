@@ -1,16 +1,51 @@
 """Inbound request rate limits: token buckets per source and in total (pure).
 
 The caller passes the time, so the same code runs under trio's clock, a mock clock
-or none at all. The per-source table is an LRU of bounded size: a flood from many
-addresses evicts old entries (each new source starts with a full bucket) but cannot
-grow memory, and the total bucket still caps the work all of them can cause.
+or none at all; :func:`source_key` says whom a request counts against. The
+per-source table is an LRU of bounded size: a flood from many addresses evicts old
+entries (each new source starts with a full bucket) but cannot grow memory, and the
+total bucket still caps the work all of them can cause.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
+from functools import lru_cache
+
+#: IPv6 sources are counted per prefix of this length (one subscriber's network).
+V6_SOURCE_PREFIX = 64
+
+
+def source_key(addr: tuple[str, int]) -> Hashable:
+    """Whom a request from ``addr`` counts against (rate limits, fair share).
+
+    An IPv4 address by itself; an IPv6 address by its /64, since one host is
+    usually given a whole /64 and could otherwise send from 2**64 "sources"; on
+    loopback the address and port, since local swarms run many nodes on one IP.
+    """
+    ip = addr[0]
+    if ":" not in ip:
+        return addr if ip.startswith("127.") else ip
+    key = _v6_key(ip)
+    return addr if key is None else key
+
+
+@lru_cache(maxsize=8192)
+def _v6_key(ip: str) -> str | None:
+    """The /64 of an IPv6 source (the IPv4 address if it is v4-mapped); None on loopback."""
+    try:
+        parsed = ipaddress.IPv6Address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    mapped = parsed.ipv4_mapped
+    if mapped is not None:
+        return None if mapped.is_loopback else str(mapped)
+    if parsed.is_loopback:
+        return None
+    return str(ipaddress.IPv6Network((parsed, V6_SOURCE_PREFIX), strict=False))
 
 
 class TokenBucket:

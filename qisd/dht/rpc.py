@@ -43,10 +43,11 @@ import trio
 from kademlia.node import Node
 
 from qisd.dht import stock
+from qisd.dht.deferred import Deferred
 from qisd.dht.fairness import FairShare
 from qisd.dht.nearest import nearest
 from qisd.dht.paging import MAX_BATCH
-from qisd.dht.transport import Deferred, source_key
+from qisd.dht.ratelimit import source_key
 from qisd.dht.values import AddressMemory
 from qisd.dht.wire import (
     MAX_PAYLOAD,
@@ -132,7 +133,7 @@ class RpcServer:
         return contact
 
     def _neighbors(self, key: bytes, sender: Node) -> list[list[Any]]:
-        # Exactly table.find_neighbors(Node(key), exclude=sender), reading only the
+        # Exactly our find_neighbors(Node(key), exclude=sender), reading only the
         # buckets that can hold the answer (qisd.dht.nearest).
         table = self.node.table
         found = nearest(table.buckets, int.from_bytes(key, "big"), table.ksize, exclude=sender)

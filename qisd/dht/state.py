@@ -3,6 +3,12 @@
 Saved periodically and on shutdown, loaded at start so a restarted node knows its
 old contacts before anyone bootstraps it. A missing, unreadable or malformed file
 is logged and ignored: the node then starts empty and joins through ``bootstrap``.
+
+The file records the swarm id it was saved in; a file of another swarm (or one that
+records none) is ignored with a log line, so the contacts of an old swarm do not
+come back after the swarm is re-keyed (a new manifest, a new swarm id). The node
+decides what a restored contact may do (:meth:`qisd.dht.node.DHTNode.run`): in an
+open swarm it enters the table at once, in a closed one only after proving its key.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 import trio
+from kademlia.node import Node
 
 from qisd.dht.routing import contacts_from_state
 from qisd.dht.wire import pack
@@ -23,13 +30,15 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 FILE_NAME = "dht-routing.msgpack"
 MAX_STATE_BYTES = 4 * 1024 * 1024
+#: The swarm id the table was saved in (32 bytes).
+SWARM_FIELD = "swarm"
 
 
-async def load(node: DHTNode) -> bool:
-    """Restore saved contacts into ``node.table``; True if any were restored."""
+async def load(node: DHTNode) -> list[Node]:
+    """Saved contacts of ``node``'s swarm that it could reach (none: nothing usable)."""
     path = node.state_file
     if path is None:
-        return False
+        return []
 
     def read() -> bytes | None:
         try:
@@ -42,7 +51,7 @@ async def load(node: DHTNode) -> bool:
     try:
         data = await trio.to_thread.run_sync(read)
         if data is None:
-            return False
+            return []
         obj = msgpack.unpackb(
             data,
             raw=False,
@@ -56,11 +65,17 @@ async def load(node: DHTNode) -> bool:
         contacts = contacts_from_state(obj)
     except Exception as exc:  # any unreadable state: start empty, say why
         log.warning("ignoring routing state", path=str(path), error=str(exc))
-        return False
-    for contact in contacts:
-        if contact.id != node.me.id and node.reachable(contact.ip):
-            node.table.add_contact(contact)
-    return len(node.table) > 0
+        return []
+    swarm = obj.get(SWARM_FIELD)
+    if swarm != node.manifest.swarm_id:
+        log.warning(
+            "ignoring routing state of another swarm",
+            path=str(path),
+            saved_swarm=swarm.hex() if isinstance(swarm, bytes) else None,
+            swarm=node.manifest.swarm_id.hex(),
+        )
+        return []
+    return [c for c in contacts if c.id != node.me.id and node.reachable(c.ip)]
 
 
 async def save(node: DHTNode) -> None:
@@ -68,7 +83,7 @@ async def save(node: DHTNode) -> None:
     path = node.state_file
     if path is None or len(node.table) == 0:
         return
-    data = pack(node.table.to_state())
+    data = pack({**node.table.to_state(), SWARM_FIELD: node.manifest.swarm_id})
 
     def write() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

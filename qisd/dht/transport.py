@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
 
-from qisd.dht.ratelimit import RateLimiter, RateLimits
+from qisd.dht.deferred import NO_REPLY, Deferred
+from qisd.dht.ratelimit import RateLimiter, RateLimits, source_key
 from qisd.dht.stats import Counters
 from qisd.dht.udp import RECV_BURST, DatagramEndpoint, UdpEndpoint, open_udp_endpoint
 from qisd.dht.wire import (
@@ -57,23 +57,6 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
-
-
-#: Returned by a handler (or deferred work) that must not answer at all.
-NO_REPLY: Any = object()
-
-
-@dataclass(frozen=True, slots=True)
-class Deferred:
-    """Handler work that must await (storage); run in the bounded handler nursery.
-
-    ``busy`` is the answer sent at once when the nursery is full (qisd RPCs say
-    "busy" so the caller can tell an overloaded peer from a stock node that ignores
-    them); the default drops the request.
-    """
-
-    work: Callable[[], Awaitable[Any]]
-    busy: Any = NO_REPLY
 
 
 Handler = Callable[[str, list[Any], Address], Any]
@@ -120,14 +103,6 @@ class _Waiter:
 
     def on_reply(self, call: Outgoing) -> None:
         self.event.set()
-
-
-def source_key(addr: Address) -> object:
-    """Rate-limit key: the IP, except on loopback where tests run many nodes per host."""
-    ip = addr[0]
-    if ip.startswith("127.") or ip == "::1":
-        return addr
-    return ip
 
 
 class Transport:

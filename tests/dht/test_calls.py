@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Container
 from typing import Any
 
 import pytest
@@ -101,22 +102,41 @@ async def test_peer_calls_keep_the_node_books(autojump_clock: trio.testing.MockC
             await calls.send(kept, "ping", [a.me.id], evict=False)
             assert await calls.next() == (kept, "ping", False, None)
         assert a.counters.datagrams_out == sent
+        # A request skipped for backoff was never sent: it counts against no one.
+        with PeerCalls(a) as calls:
+            await calls.send(gone, "ping", [a.me.id])
+            assert await calls.next() == (gone, "ping", False, None)
+        assert await a.call(gone, "ping", [a.me.id]) == (False, None)
+        assert a.table.failures(gone.id) == 1
+        assert a.counters.datagrams_out == sent
 
 
 class FakeCalls:
-    """Answers from a FakeNet after one scheduler pass; dead nodes never answer."""
+    """Answers from a FakeNet after one scheduler pass; dead nodes never answer.
 
-    def __init__(self, net: FakeNet, target: bytes) -> None:
+    With ``heard``, a node names only nodes the asker has not heard of (as
+    ``store_value`` leaves out the contacts whose tags the asker sent).
+    """
+
+    def __init__(
+        self, net: FakeNet, target: bytes, heard: Callable[[], Container[bytes]] | None = None
+    ) -> None:
         self.net = net
         self.target = target
+        self.heard = heard
         self.ready: list[tuple[Node, str, bool, Any]] = []
         self.sent: list[Node] = []
         self.closed = False
+        self.max_in_flight = 0
 
     async def send(self, peer: Node, name: str, args: list[Any], *, evict: bool = True) -> None:
         self.sent.append(peer)
         nodes = self.net.answer(peer, self.target)
+        if nodes is not None and self.heard is not None:
+            known = self.heard()
+            nodes = [n for n in nodes if n.id not in known]
         self.ready.append((peer, name, nodes is not None, nodes))
+        self.max_in_flight = max(self.max_in_flight, len(self.ready))
 
     async def next(self) -> tuple[Node, str, bool, Any] | None:
         await trio.lowlevel.checkpoint()
@@ -130,10 +150,13 @@ class FakeCalls:
 async def test_iterate_calls_finds_the_closest_and_drops_the_dead(widen: bool) -> None:
     net = FakeNet(300, seed=4, dead=0.2)
     rng = random.Random(8)
+    alpha = 3
+    widened = 0
     for _ in range(10):
         target = rng.randbytes(20)
         st = LookupState(target, net.nodes[:6], width=K_FAKE)
-        calls = FakeCalls(net, target)
+        # Widening lookups send what they heard of, so answers can come back empty.
+        calls = FakeCalls(net, target, heard=(lambda st=st: st.hop) if widen else None)
 
         def request(node: Node) -> tuple[str, list[Any], bool]:
             return "find_node", [], True
@@ -141,10 +164,16 @@ async def test_iterate_calls_finds_the_closest_and_drops_the_dead(widen: bool) -
         def parse(node: Node, name: str, result: Any) -> Reply | None:
             return Reply(list(result))
 
-        stats = await iterate_calls(st, calls, request, parse, alpha=3, widen=widen)
+        stats = await iterate_calls(st, calls, request, parse, alpha=alpha, widen=widen)
         assert [n.id for n in st.closest()] == net.truth(target, K_FAKE)
         assert calls.closed and stats.rpcs == len(calls.sent)
         assert stats.failures == sum(1 for n in calls.sent if n.id in net.dead)
+        if widen:
+            widened += calls.max_in_flight > alpha
+        else:
+            assert calls.max_in_flight <= alpha
+    # Once a node names nothing new, the rest of the closest are asked at once.
+    assert not widen or widened >= 1
 
 
 async def test_iterate_calls_stops_on_reply_and_skips_unasked() -> None:

@@ -10,8 +10,10 @@ import msgpack
 import pytest
 import trio
 from dht_helpers import eventually, make_packet, member, vector
+from kademlia.node import Node
 
 from qisd.dht import DHTConfig, open_node
+from qisd.dht.routing import ADDED
 from qisd.dht.state import FILE_NAME
 from qisd.fingerprint import keys_for
 from qisd.identity import Identity
@@ -239,3 +241,54 @@ async def test_config_is_checked() -> None:
         DHTConfig(ksize=0)
     with pytest.raises(ValueError, match="alpha"):
         DHTConfig(ksize=2, alpha=3)
+
+
+def _sharing(node_id: bytes, bits: int) -> bytes:
+    """An id whose common prefix with ``node_id`` is exactly ``bits`` long."""
+    return (int.from_bytes(node_id, "big") ^ (1 << (159 - bits))).to_bytes(20, "big")
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports nobody listens on (bound, then closed): datagrams to them are lost."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.parametrize("head_answers", [True, False])
+async def test_full_bucket_pings_its_head_even_in_backoff(head_answers: bool) -> None:
+    # Paper 2.2: a full bucket's head is evicted only after it fails to answer a
+    # ping. Being in failure backoff (it missed one request) is not such a failure.
+    config = DHTConfig(ksize=2, alpha=2, rpc_timeout=0.5)
+    async with (
+        member(Identity.generate(), None, config=config, with_store=False) as a,
+        member(Identity.generate(), None, config=config, with_store=False) as h,
+    ):
+        ports = _free_ports(3)
+        if head_answers:
+            head = Node(h.node.me.id, *h.node.address)
+        else:
+            head = Node(h.node.me.id, "127.0.0.1", ports[2])
+        # Two contacts sharing exactly 100 bits (a multiple of 5, so their bucket does
+        # not split, paper 4.2) fill it; a third sharing more is a newcomer to it.
+        other = Node(_sharing(head.id, 100), "127.0.0.1", ports[0])
+        newcomer = Node(_sharing(head.id, 120), "127.0.0.1", ports[1])
+        table = a.node.table
+        assert table.add_contact(head).action == ADDED
+        assert table.add_contact(other).action == ADDED
+        a.node.failed_peers.add((head.ip, head.port), trio.current_time())
+        a.node.welcome(newcomer)
+        assert head.id in a.node._pinging
+        await eventually(lambda: not a.node._pinging)
+        pings = a.node.statistics().rpcs
+        if head_answers:
+            assert pings[("ping", "out", "ok")] == 1
+            assert table.get(head.id) is not None and table.get(newcomer.id) is None
+        else:
+            assert pings[("ping", "out", "timeout")] == 1
+            assert table.get(head.id) is None and table.get(newcomer.id) is not None

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from qisd.dht.ratelimit import RateLimiter, RateLimits, TokenBucket
+from qisd.dht.ratelimit import RateLimiter, RateLimits, TokenBucket, source_key
 
 
 def test_bucket_refills_at_rate() -> None:
@@ -40,3 +40,17 @@ def test_zero_disables() -> None:
 def test_bad_limits() -> None:
     with pytest.raises(ValueError, match="total_rate"):
         RateLimits(total_rate=-1)
+
+
+def test_source_keys() -> None:
+    # IPv4: the address; loopback: address and port (local swarms share one IP).
+    assert source_key(("93.184.216.7", 4000)) == source_key(("93.184.216.7", 4001))
+    assert source_key(("93.184.216.7", 4000)) != source_key(("93.184.216.8", 4000))
+    assert source_key(("127.0.0.1", 4000)) != source_key(("127.0.0.1", 4001))
+    # IPv6: the /64, which one host usually holds whole.
+    assert source_key(("2a00:1450:1:2::1", 1)) == source_key(("2a00:1450:1:2:ffff:1:2:3", 2))
+    assert source_key(("2a00:1450:1:2::1", 1)) != source_key(("2a00:1450:1:3::1", 1))
+    assert source_key(("::1", 4000)) != source_key(("::1", 4001))
+    # An IPv4 peer on a dual-stack socket counts as that IPv4 address.
+    assert source_key(("::ffff:93.184.216.7", 1)) == source_key(("93.184.216.7", 2))
+    assert source_key(("::ffff:127.0.0.1", 1)) != source_key(("::ffff:127.0.0.1", 2))

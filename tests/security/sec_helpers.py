@@ -112,7 +112,8 @@ Prover = Callable[[bytes, bytes], Any]
 
 class RawPeer:
     """A hand-driven UDP peer: sends requests, matches replies, answers ``hello`` with
-    ``prover(verifier_id, nonce)`` (None: stays silent), records other requests."""
+    ``prover(verifier_id, nonce)`` (None: stays silent) after ``hello_delay`` seconds
+    (the peer reads nothing meanwhile), records other requests."""
 
     def __init__(self, sock: trio.socket.SocketType, node_id: bytes, prover: Prover | None):
         self.sock = sock
@@ -120,6 +121,7 @@ class RawPeer:
         self.prover = prover
         self.address: tuple[str, int] = sock.getsockname()[:2]
         self.requests: list[tuple[str, list[Any]]] = []
+        self.hello_delay = 0.0
         self._pending: dict[bytes, tuple[trio.Event, list[Any]]] = {}
 
     async def serve(self) -> None:
@@ -136,7 +138,10 @@ class RawPeer:
             name, args = obj
             if name == "hello":
                 if self.prover is not None:
-                    await self._reply(msgid, self.prover(args[0], args[1]), addr)
+                    answer = self.prover(args[0], args[1])
+                    if self.hello_delay:
+                        await trio.sleep(self.hello_delay)
+                    await self._reply(msgid, answer, addr)
                 continue
             self.requests.append((name, args))
             if name == "notify":

@@ -358,7 +358,12 @@ def run_fuzz(t: Target, examples: int, sizes: tuple[int, int]) -> None:
     )
     @given(batch=st.lists(ITEM, min_size=sizes[0], max_size=sizes[1]))
     def fuzz(batch: list[tuple[int, bytes, tuple[str, int]]]) -> None:
-        t.run(pump, t, batch)
+        t.run(pump, t, batch)  # raises if the nodes' trio.run has ended
+        for node in t.nodes:
+            dropped = t.run(_stats, node).dropped
+            # Anything but a counted protocol error is a crash of that handler.
+            assert dropped.get("handler_error", 0) == 0, dict(dropped)
+            assert dropped.get("oversized_reply", 0) == 0, dict(dropped)
 
     fuzz()
 
@@ -378,6 +383,7 @@ def seed_corpus() -> list[tuple[int, bytes, tuple[str, int]]]:
         ("store_packets", [me, KEYS[1], PACKETS[6:]]),
         ("notify", [me, KEYS[0], PACKETS[:2]]),
         ("hello", [me, bytes(32)]),
+        ("store_value", [me, KEYS[2], b"value", b""]),
     ]
     calls += [("find_packets", [me, KEYS[0], sk, 10, 0]) for sk in SKETCHES[:2]]
     return [(which, frame(name, args), FRIEND_ADDR) for which in (0, 1) for name, args in calls]
@@ -391,7 +397,7 @@ def test_datagram_handler_fuzz(target: Target) -> None:
     for node in target.nodes:
         stats = target.run(_stats, node)
         assert stats.packets_accepted > 0
-        for rpc in ("store_packets", "find_packets", "find_node", "listen"):
+        for rpc in ("store_packets", "find_packets", "find_node", "listen", "store_value"):
             assert stats.rpcs.get((rpc, "in", "ok"), 0) > 0, (rpc, dict(stats.rpcs))
 
 
