@@ -206,6 +206,7 @@ RULES: dict[str, Rule] = {
     "dht.rate_total": _RATE,
     "dht.refresh_interval": _SECONDS,
     "dht.republish_interval": _SECONDS,
+    "dht.origin_republish_interval": _SECONDS,
     "dht.handoff_concurrency": _ints(1, 1024),
     "dht.max_peers_per_subnet": _ints(1),
     "dht.listen_ttl": _SECONDS,

@@ -104,6 +104,7 @@ class DhtConfig(Section):
     rate_total: float = 50000.0
     refresh_interval: float = 3600.0
     republish_interval: float = 3600.0
+    origin_republish_interval: float = 3600.0
     handoff_concurrency: int = 8
     max_peers_per_subnet: int = 2
     listen_ttl: float = 600.0

@@ -100,6 +100,16 @@ class QisdCollector:
                                 "Peers' listen registrations held here", value=st.listeners)
         yield CounterMetricFamily("qisd_handoffs", "Hand-offs to newly seen closer nodes",
                                   value=st.handoffs)
+        rep = CounterMetricFamily(
+            "qisd_republish_entries",
+            "(key, packet) entries handled by republish, by action: placed (re-placed; "
+            "own packets once per key), skipped (another holder of the key stored it here "
+            "within the interval)",
+            labels=["action"],
+        )
+        rep.add_metric(["placed"], st.republished)
+        rep.add_metric(["skipped"], st.republish_skipped)
+        yield rep
         last = self.service.last_bootstrap
         yield GaugeMetricFamily(
             "qisd_bootstrap_last_success_timestamp_seconds",

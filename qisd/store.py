@@ -18,8 +18,9 @@ a fresh connection where the file was read-only), so writes resume without a
 restart once the cause is gone; :attr:`PacketStore.failure` holds the last refusal
 until a write succeeds.
 
-The API is synchronous and guarded by one lock, so the daemon runs it in a worker
-thread (``trio.to_thread.run_sync``) and batches writes with :meth:`PacketStore.put_many`.
+Reads are in :mod:`qisd.store_reads`. The API is synchronous and guarded by one
+lock, so the daemon runs it in a worker thread (``trio.to_thread.run_sync``) and
+batches writes with :meth:`PacketStore.put_many`.
 """
 
 from __future__ import annotations
@@ -31,10 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from qisd.packet import KIND_SYNTHESIS, OutcomePacket, PacketError, decode_packet
-from qisd.sketch import Sketch, cosine_rows
+from qisd.packet import KIND_SYNTHESIS, OutcomePacket
 from qisd.storage import (
     STORAGE_FULL,
     STORAGE_READ_ONLY,
@@ -45,6 +43,7 @@ from qisd.storage import (
     writable,
     write_error,
 )
+from qisd.store_reads import StoreReads
 
 __all__ = ["PacketStore", "PutResult", "StoreError", "StoreStats"]
 
@@ -108,7 +107,7 @@ class StoreStats:
     keys: int
 
 
-class PacketStore:
+class PacketStore(StoreReads):
     """Packets by key in SQLite. Open with :meth:`open`; close with :meth:`close`."""
 
     def __init__(
@@ -352,156 +351,11 @@ class PacketStore:
                 self._forget_counts()
             return cur.rowcount
 
-    def remove_key(self, key: bytes) -> int:
-        """Forget ``key``'s entries (and packets held under no other key)."""
-        with self._lock, self._writing() as conn:
-            conn.execute("DELETE FROM entries WHERE key=?", (key,))
-            cur = conn.execute(
-                "DELETE FROM packets"
-                " WHERE NOT EXISTS (SELECT 1 FROM entries e WHERE e.id = packets.id)"
-            )
-            self._forget_counts()
-            return cur.rowcount
-
-    # -- reads ------------------------------------------------------------------
-
-    def top(
-        self, key: bytes, query: Sketch, m: int, *, now_ms: int, offset: int = 0
-    ) -> list[tuple[float, OutcomePacket]]:
-        """The ``m`` packets under ``key`` most similar to ``query`` (cosine), best first.
-
-        The whole bucket is ranked here so only the best ``m`` cross the network
-        (DESIGN: coarse buckets cost server CPU, not bandwidth); ``offset`` pages on.
-        """
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT p.id, p.dim, p.bits, p.sketch"
-                " FROM entries e JOIN packets p ON p.id = e.id"
-                " WHERE e.key = ? AND p.expires_ms > ?",
-                (key, now_ms),
-            ).fetchall()
-        if not rows or m <= 0:
-            return []
-        sims = cosine_rows(query, [(r[1], r[2], r[3]) for r in rows])
-        want = min(len(rows), offset + m)
-        # Partial selection, then an exact order (ties by id) for the selected few.
-        cut = np.argpartition(-sims, want - 1)[:want] if want < len(rows) else range(len(rows))
-        order = sorted(cut, key=lambda i: (-sims[i], rows[i][0]))
-        chosen = order[offset : offset + m]
-        packets = self._load([rows[i][0] for i in chosen])
-        return [(float(sims[i]), packets[rows[i][0]]) for i in chosen if rows[i][0] in packets]
-
-    def page(
-        self, key: bytes, *, after: bytes | None = None, limit: int = 100, now_ms: int
-    ) -> list[OutcomePacket]:
-        """All packets under ``key`` in id order, ``limit`` at a time after id ``after``."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT p.data FROM entries e JOIN packets p ON p.id = e.id"
-                " WHERE e.key = ? AND e.id > ? AND p.expires_ms > ? ORDER BY e.id LIMIT ?",
-                (key, after or b"", now_ms, limit),
-            ).fetchall()
-        return [_trusted(r[0]) for r in rows]
-
-    def key_items(self, key: bytes, now_ms: int) -> list[OutcomePacket]:
-        out: list[OutcomePacket] = []
-        after: bytes | None = None
-        while batch := self.page(key, after=after, limit=500, now_ms=now_ms):
-            out.extend(batch)
-            after = batch[-1].id
-        return out
-
-    def get(self, packet_id: bytes) -> OutcomePacket | None:
-        return self._load([packet_id]).get(packet_id)
-
-    def has(self, packet_id: bytes) -> bool:
-        with self._lock:
-            row = self._conn.execute("SELECT 1 FROM packets WHERE id=?", (packet_id,)).fetchone()
-        return row is not None
-
-    def keys(self, now_ms: int) -> list[bytes]:
-        """Every key that holds at least one live packet."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT DISTINCT e.key FROM entries e JOIN packets p ON p.id = e.id"
-                " WHERE p.expires_ms > ?",
-                (now_ms,),
-            ).fetchall()
-        return [r[0] for r in rows]
-
-    def keys_of(self, packet_id: bytes) -> list[bytes]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT key FROM entries WHERE id=?", (packet_id,)
-            ).fetchall()
-        return [r[0] for r in rows]
-
-    def iter_packets(
-        self,
-        *,
-        now_ms: int,
-        origin: bytes | None = None,
-        topic: str | None = None,
-        batch: int = 500,
-    ) -> Iterator[OutcomePacket]:
-        """Every live packet (optionally of one origin or topic), in id order, in batches."""
-        after = b""
-        where = "id > ? AND expires_ms > ?"
-        extra: tuple[object, ...] = ()
-        if origin is not None:
-            where += " AND origin = ?"
-            extra += (origin,)
-        if topic is not None:
-            where += " AND topic = ?"
-            extra += (topic,)
-        while True:
-            with self._lock:
-                rows = self._conn.execute(
-                    f"SELECT id, data FROM packets WHERE {where} ORDER BY id LIMIT ?",
-                    (after, now_ms, *extra, batch),
-                ).fetchall()
-            if not rows:
-                return
-            for row in rows:
-                yield _trusted(row[1])
-            after = rows[-1][0]
-
-    def recent(self, *, topic: str | None, limit: int, now_ms: int) -> list[OutcomePacket]:
-        """The newest ``limit`` live packets (of ``topic`` if given), newest first."""
-        sql = "SELECT data FROM packets WHERE expires_ms > ?"
-        args: tuple[object, ...] = (now_ms,)
-        if topic is not None:
-            sql += " AND topic = ?"
-            args += (topic,)
-        sql += " ORDER BY created_ms DESC, id LIMIT ?"
-        with self._lock:
-            rows = self._conn.execute(sql, (*args, limit)).fetchall()
-        return [_trusted(r[0]) for r in rows]
-
     def statistics(self) -> StoreStats:
         with self._lock:
             count, size = self._total()
             keys = self._conn.execute("SELECT COUNT(DISTINCT key) FROM entries").fetchone()[0]
         return StoreStats(packets=int(count), bytes=int(size), keys=int(keys))
-
-    def _load(self, ids: Sequence[bytes]) -> dict[bytes, OutcomePacket]:
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
-        with self._lock:
-            rows = self._conn.execute(
-                f"SELECT id, data FROM packets WHERE id IN ({marks})",
-                tuple(ids),
-            ).fetchall()
-        return {r[0]: _trusted(r[1]) for r in rows}
-
-
-def _trusted(data: bytes) -> OutcomePacket:
-    # Everything in the store was verified before it was written.
-    try:
-        return decode_packet(data, verify=False)
-    except PacketError as exc:
-        raise StoreError(f"packet store holds an undecodable packet ({exc})") from None
 
 
 def _open_read_write(path: Path | str) -> sqlite3.Connection:

@@ -204,12 +204,20 @@ async def put_all(
 
 
 def dht_config(
-    *, rpc_timeout: float, republish: float, refresh: float, failure_backoff: float
+    *,
+    rpc_timeout: float,
+    republish: float,
+    refresh: float,
+    failure_backoff: float,
+    origin_republish: float | None = None,
 ) -> DHTConfig:
-    """The DHT settings the experiments vary (everything else at its default)."""
+    """The DHT settings the experiments vary (everything else at its default). The
+    origin republishes every ``origin_republish`` (default: ``republish``, as the
+    defaults have it)."""
     return DHTConfig(
         rpc_timeout=rpc_timeout,
         republish_interval=republish,
+        origin_republish_interval=origin_republish or republish,
         refresh_interval=refresh,
         failure_backoff=failure_backoff,
     )

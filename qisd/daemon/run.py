@@ -67,6 +67,7 @@ def dht_config(config: Config) -> DHTConfig:
         subnets=SubnetPolicy(per_bucket=d.max_peers_per_subnet),
         refresh_interval=d.refresh_interval,
         republish_interval=d.republish_interval,
+        origin_republish_interval=d.origin_republish_interval,
         handoff_concurrency=d.handoff_concurrency,
         listen_ttl_max=max(1, int(d.listen_ttl)),
         max_listens_per_peer=d.max_listens_per_peer,

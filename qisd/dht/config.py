@@ -27,8 +27,11 @@ class DHTConfig:
     subnets: SubnetPolicy = field(default_factory=SubnetPolicy)
     #: Paper 2.3: refresh buckets with no lookup for this long.
     refresh_interval: float = 3600.0
-    #: Paper 2.5 republish: packets and values re-placed this often.
+    #: Paper 2.5 republish: held packets and values re-placed this often by the
+    #: nodes holding them (entries placed here within the interval excepted), and
+    #: this node's own packets by it (the origin), one placement per key.
     republish_interval: float = 3600.0
+    origin_republish_interval: float = 3600.0
     expire_interval: float = 60.0
     save_interval: float = 600.0
     #: Stock values (``store``): lifetime, count and total size caps.

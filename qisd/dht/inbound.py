@@ -27,6 +27,7 @@ from kademlia.node import Node
 from qisd.dht.api import Delivery, PutResult
 from qisd.dht.ingest import Ingest
 from qisd.dht.paging import batches, find_reply, verify_all
+from qisd.dht.recent import RecentStores
 from qisd.packet import OutcomePacket, PacketError
 from qisd.sketch import Sketch
 from qisd.store import StoreError
@@ -60,6 +61,8 @@ class Inbound:
         #: without a thread hop to SQLite.
         self.held: set[bytes] | None = None
         self.ingest = Ingest(node)
+        #: Entries the key's other holders stored here lately: not republished meanwhile.
+        self.recent = RecentStores()
         self._notified: OrderedDict[bytes, None] = OrderedDict()
         self.notify_send, self.notify_recv = trio.open_memory_channel[
             tuple[Node, bytes, list[bytes]]
@@ -82,18 +85,30 @@ class Inbound:
         keys = await self.node.in_thread(store.keys, self.node.wall_ms())
         self.held = set(keys) if len(keys) <= MAX_TRACKED_KEYS else None
 
-    async def accept(self, key: bytes, raws: list[bytes], source: str) -> list[str]:
-        """Verify and store packets a peer sent for ``key``; a status per packet."""
+    async def accept(
+        self, key: bytes, raws: list[bytes], source: str, *, holder: bool = False
+    ) -> list[str]:
+        """Verify and store packets a peer sent for ``key``; a status per packet.
+
+        What ``holder`` (the peer is one of the key's closest nodes) stored here
+        counts as republished: it is not republished here for an interval
+        (:mod:`qisd.dht.recent`).
+        """
         checked, results = await self.ingest.submit(key, raws)
         good = [p for p in checked if isinstance(p, OutcomePacket)]
         self.after_store(key, good, results, source)
         stored = iter(results)
         statuses: list[str] = []
+        held: list[bytes] = []
         for item in checked:
             if isinstance(item, PacketError):
                 statuses.append(f"rejected:{item.reason}")
             else:
                 statuses.append(status_text(next(stored)))
+                if holder and statuses[-1] in OK_STATUSES:
+                    held.append(item.id)
+        if held:
+            self.recent.note(key, held, trio.current_time())
         self.node.counters.packet_statuses(statuses)
         return statuses
 

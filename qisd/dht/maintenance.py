@@ -7,13 +7,23 @@
   bounded queue of newcomers in batches (one pass over the held keys per batch)
   with ``handoff_concurrency`` transfers at a time, so a burst of joins cannot
   start unbounded work.
-- Republish: this node re-places its own packets, and the keys it is one of the
-  ``replicas`` closest known nodes for, every ``republish_interval``; stock values
-  older than that are ``set`` again, as the stock server does. Every holder in the
-  replica set republishes (paper 2.5: each node republishes what it holds), not only
-  the closest: a placement that skipped a busy or slow node leaves the closest
-  without some packets, and if the other holders then leave, only another holder can
-  bring those packets back to ``replicas`` copies (measured: scripts/fault_churn.py).
+- Republish (paper 2.5), every ``republish_interval`` (the first at a random
+  phase, each period drawn within +-10% of it, so the holders of a key do not fire
+  together): the nodes that are among a key's ``replicas`` closest (as far as
+  they know) re-place its entries, except those another holder stored here within
+  the interval (its republish reached the key's replica set; see
+  :mod:`qisd.dht.recent`). So a key's holders republish about once per interval
+  between them, not once each (measured: scripts/bench_republish.py). Every
+  holder in the replica set takes part, not only the closest: a placement that
+  skipped a busy or slow node leaves the closest without some packets, and if the
+  other holders then leave, only another holder can bring those packets back to
+  ``replicas`` copies (measured: scripts/fault_churn.py). Stock values older than
+  the interval are ``set`` again, as the stock server does.
+- Origin republish, every ``origin_republish_interval`` (the first one
+  republish interval after start: own packets are remembered in memory only):
+  this node re-places its own packets, one placement per key for all of them.
+  It restores entries no replica holder has (placed while the closest nodes were
+  down, then held only by nodes farther out).
 - Expiry of packets, values, listen registrations and subscriptions; the routing
   table saved; listen registrations renewed before they lapse.
 """
@@ -21,6 +31,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -41,6 +52,8 @@ NOTIFY_WORKERS = 4
 HANDOFF_BATCH = 64
 #: Seconds a hand-off waits for more newcomers to join its batch.
 HANDOFF_DELAY = 0.5
+#: Each republish period is the interval times a factor drawn within 1 +- this.
+REPUBLISH_JITTER = 0.1
 
 
 async def run(
@@ -52,16 +65,45 @@ async def run(
         for _ in range(NOTIFY_WORKERS):
             nursery.start_soon(node.packets.notify_worker)
         nursery.start_soon(every, node, cfg.refresh_interval / 4, refresh)
-        nursery.start_soon(every, node, cfg.republish_interval, republish)
+        # The first republish at a random phase: nodes started together (a site's
+        # reboot, a test swarm) must not fire together, or no holder's republish
+        # reaches the others before they run their own. Never sooner than one
+        # interval: a node that just joined is busy with hand-offs and puts
+        # (measured: scripts/fault_churn.py lost entries when it came at 0.5-1x).
+        nursery.start_soon(
+            partial(
+                every, node, cfg.republish_interval, republish, REPUBLISH_JITTER,
+                first=cfg.republish_interval * node.rng.uniform(1.0, 1.5),
+            )
+        )
+        # Own packets are remembered in memory only: the first origin republish comes
+        # one republish interval after start, so a daemon restarted daily still runs it.
+        nursery.start_soon(
+            partial(
+                every, node, cfg.origin_republish_interval, republish_own, REPUBLISH_JITTER,
+                first=min(cfg.republish_interval, cfg.origin_republish_interval),
+            )
+        )
         nursery.start_soon(every, node, cfg.expire_interval, expire)
         nursery.start_soon(every, node, cfg.save_interval, state.save)
         nursery.start_soon(every, node, cfg.listen_ttl_max / 2, renew_listens)
         task_status.started()
 
 
-async def every(node: DHTNode, interval: float, job: Callable[[DHTNode], Awaitable[None]]) -> None:
+async def every(
+    node: DHTNode,
+    interval: float,
+    job: Callable[[DHTNode], Awaitable[None]],
+    jitter: float = 0.0,
+    *,
+    first: float | None = None,
+) -> None:
+    """``job(node)`` every ``interval`` seconds (the first after ``first``), each
+    wait drawn within ``1 +- jitter`` of its nominal length."""
+    wait = interval if first is None else first
     while True:
-        await trio.sleep(interval)
+        await trio.sleep(wait * node.rng.uniform(1 - jitter, 1 + jitter) if jitter else wait)
+        wait = interval
         try:
             await job(node)
         except Exception:  # upkeep must go on; the log says what broke
@@ -154,27 +196,46 @@ async def handoff_worker(node: DHTNode) -> None:
             log.exception("dht hand-off failed", contacts=len(batch))
 
 
-async def republish(node: DHTNode) -> None:
+async def republish_own(node: DHTNode) -> None:
+    """Re-place this node's own live packets: one placement per key for all of them."""
     now_ms = node.wall_ms()
     ops = node.packets
     for pid, (packet, _) in list(ops.own.items()):
         if packet.expires_ms <= now_ms:
             del ops.own[pid]
-    for packet, packet_keys in list(ops.own.values()):
+    own: dict[bytes, list[OutcomePacket]] = {}
+    for packet, packet_keys in ops.own.values():
+        for key in packet_keys:
+            own.setdefault(key, []).append(packet)
 
-        async def put_own(key: bytes, packet: OutcomePacket = packet) -> None:
-            await ops.place(key, [packet])
+    async def put_own(key: bytes) -> None:
+        node.counters.republished += len(own[key])
+        await ops.place(key, own[key])
 
-        await ops.each_key(packet_keys, put_own)
+    await ops.each_key(list(own), put_own)
+
+
+async def republish(node: DHTNode) -> None:
+    """Re-place the entries of the keys this node is a replica holder of, except those
+    another holder stored here within the interval, and the stock values older than it."""
+    now_ms = node.wall_ms()
+    ops = node.packets
     store = node.store
     if store is not None:
-        stored_keys = await node.in_thread(store.keys, now_ms)
-        mine = [k for k in stored_keys if _in_replica_set(node, k)]
+        held = await node.in_thread(store.keys, now_ms)
+        mine = [k for k in held if _in_replica_set(node, k)]
+        interval = node.config.republish_interval
+        recent = ops.recent
+        recent.forget_older(trio.current_time(), interval)
 
         async def one(key: bytes) -> None:
             items = await node.in_thread(store.key_items, key, node.wall_ms())
-            if items:
-                await ops.place(key, items)
+            now = trio.current_time()
+            stale = [p for p in items if not recent.fresh(key, p.id, now, interval)]
+            node.counters.republish_skipped += len(items) - len(stale)
+            if stale:
+                node.counters.republished += len(stale)
+                await ops.place(key, stale)
 
         await ops.each_key(mine, one)
     now = trio.current_time()

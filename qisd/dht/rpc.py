@@ -218,6 +218,19 @@ class RpcServer:
         found = nearest(table.buckets, target, table.ksize, below=mine, exclude=sender)
         return [[n.id, n.ip, n.port] for n in found]
 
+    def _key_holder(self, key: bytes, sender: Node) -> bool:
+        """Whether ``sender`` is one of the ``replicas`` nodes closest to ``key`` that
+        this node knows (itself included): a key holder, whose store counts as the
+        key's republish here (paper 2.5). A store from anyone else (an origin's put,
+        a node passing through, a replay) does not."""
+        node = self.node
+        table = node.table
+        target = int.from_bytes(key, "big")
+        theirs: int = sender.long_id ^ target
+        closer = nearest(table.buckets, target, node.replicas, below=theirs, exclude=sender)
+        mine: int = node.me.long_id ^ target
+        return len(closer) + (mine < theirs) < node.replicas
+
     def store_packets(self, addr: Address, args: list[Any]) -> Any:
         nodeid, key, raws = self._packet_args("store_packets", args)
         sender = self._sender(addr, nodeid)
@@ -227,9 +240,10 @@ class RpcServer:
             status = ["rejected:no_store"] * len(raws)
             self.node.counters.packet_statuses(status)
             return {"status": status, "nodes": closer}
+        holder = self._key_holder(key, sender)
 
         async def work() -> dict[str, Any]:
-            status = await self.node.packets.accept(key, raws, "store")
+            status = await self.node.packets.accept(key, raws, "store", holder=holder)
             return {"status": status, "nodes": closer}
 
         return Deferred(work, busy={"status": [BUSY] * len(raws), "nodes": closer})

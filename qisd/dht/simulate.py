@@ -74,6 +74,7 @@ def sim_config(ksize: int = 20, alpha: int = 3) -> DHTConfig:
         subnets=SubnetPolicy(per_bucket=None),
         refresh_interval=day,
         republish_interval=day,
+        origin_republish_interval=day,
         save_interval=day,
         expire_interval=day,
     )

@@ -101,6 +101,11 @@ class DHTStatistics:
     #: ``expired``, ``future``, ``too_large``, ``generation``, ``not_member``,
     #: ``quota``, ``duplicate``, ...). Nothing refused is stored, delivered or relayed.
     packets_accepted: int = 0
+    #: Republish: (key, packet) entries re-placed (own packets: once per key), and
+    #: those left out because another holder of the key stored them here within the
+    #: interval (paper 2.5).
+    republished: int = 0
+    republish_skipped: int = 0
     packets_rejected: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     #: Closed swarms: peers refused entry to the routing table, by reason
     #: (``not_member``, ``id_mismatch``, ``bad_proof``, ``no_answer``).
@@ -128,6 +133,8 @@ class Counters:
         self.deliveries = 0
         self.deliveries_dropped = 0
         self.handoffs = 0
+        self.republished = 0
+        self.republish_skipped = 0
         self.packets_accepted = 0
         self.packets_rejected: Counter[str] = Counter()
         self.peers_refused: Counter[str] = Counter()
@@ -189,6 +196,8 @@ class Counters:
             listeners=listeners,
             subscriptions=subscriptions,
             handoffs=self.handoffs,
+            republished=self.republished,
+            republish_skipped=self.republish_skipped,
             packets_accepted=self.packets_accepted,
             packets_rejected=MappingProxyType(dict(self.packets_rejected)),
             peers_refused=MappingProxyType(dict(self.peers_refused)),

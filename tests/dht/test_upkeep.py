@@ -20,7 +20,9 @@ from qisd.manifest import Manifest
 async def test_origin_republishes_when_holders_leave(tmp_path: Path) -> None:
     rng = random.Random(8)
     manifest = Manifest(replicas=1)
-    config = DHTConfig(republish_interval=0.5, rpc_timeout=0.5)
+    config = DHTConfig(
+        republish_interval=3600, origin_republish_interval=0.5, rpc_timeout=0.5
+    )
     origin_id, b_id, c_id = (Identity.from_seed(bytes([i]) * 32) for i in (1, 2, 3))
     packet = make_packet(origin_id, rng, manifest=manifest)
     with trio.fail_after(30):

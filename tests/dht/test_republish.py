@@ -1,0 +1,126 @@
+"""Republish (paper 2.5): every holder re-places what it holds, except the entries a
+peer stored here within the interval; the origin re-places its own, per key."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+from dht_helpers import make_packet, member
+from kademlia.node import Node
+
+from qisd.dht import DHTConfig
+from qisd.dht.maintenance import republish, republish_own
+from qisd.dht.recent import RecentStores
+from qisd.identity import Identity
+from qisd.manifest import Manifest
+
+#: No timer fires during a test: each republish is called by hand.
+QUIET = DHTConfig(republish_interval=600.0, origin_republish_interval=600.0, rpc_timeout=1.0)
+
+
+def store_rpcs_out(node: object) -> int:
+    rpcs = node.statistics().rpcs  # type: ignore[attr-defined]
+    return sum(n for (method, way, _), n in rpcs.items()
+               if method == "store_packets" and way == "out")
+
+
+def test_recent_stores_remembers_within_the_interval() -> None:
+    recent = RecentStores(max_entries=4)
+    recent.note(b"k", [b"a", b"b"], now=100.0)
+    assert recent.fresh(b"k", b"a", 150.0, within=60.0)
+    assert not recent.fresh(b"k", b"a", 160.0, within=60.0)
+    assert not recent.fresh(b"other", b"a", 150.0, within=60.0)
+    recent.note(b"k", [b"a"], now=130.0)  # stored again: fresh again, now newest
+    recent.forget_older(now=170.0, age=60.0)
+    assert len(recent) == 1 and recent.fresh(b"k", b"a", 170.0, within=60.0)
+    recent.note(b"k", [b"c", b"d", b"e", b"f"], now=200.0)  # over the cap: oldest half go
+    assert len(recent) <= 4
+    assert not recent.fresh(b"k", b"a", 200.0, within=600.0)
+    assert recent.fresh(b"k", b"f", 200.0, within=600.0)
+
+
+def key_in_order(members: list[Any], order: list[int], rng: random.Random) -> bytes:
+    """A random key whose closest nodes, nearest first, are ``order``."""
+    while True:
+        key = rng.randbytes(20)
+        target = Node(key)
+        by_distance = sorted(range(len(members)),
+                             key=lambda i: members[i].node.me.distance_to(target))
+        if by_distance == order:
+            return key
+
+
+@asynccontextmanager
+async def three(tmp_path: Path, manifest: Manifest) -> AsyncIterator[list[Any]]:
+    ids = [Identity.from_seed(bytes([i]) * 32) for i in (21, 22, 23)]
+    async with (
+        member(ids[0], tmp_path / "a", manifest=manifest, config=QUIET) as a,
+        member(ids[1], tmp_path / "b", manifest=manifest, config=QUIET) as b,
+        member(ids[2], tmp_path / "c", manifest=manifest, config=QUIET) as c,
+    ):
+        for m in (b, c):
+            await m.node.bootstrap([a.node.address])
+        await a.node.bootstrap([b.node.address])
+        assert all(len(m.node.table) == 2 for m in (a, b, c))
+        yield [a, b, c]
+
+
+def holds(m: Any, key: bytes, pid: bytes) -> bool:
+    return pid in {p.id for p in m.store.key_items(key, m.node.wall_ms())}
+
+
+async def test_a_holders_store_counts_a_put_or_a_replay_does_not(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    manifest = Manifest(replicas=2)
+    with trio.fail_after(30):
+        async with three(tmp_path, manifest) as (a, b, c):
+            key = key_in_order([a, b, c], [1, 2, 0], rng)  # b, then c, then a
+            packet = make_packet(a.identity, rng, manifest=manifest)
+            assert (await a.node.put_packet(packet, keys=[key])).ok
+            assert holds(b, key, packet.id) and holds(c, key, packet.id)
+            # a is not among the key's two closest: its put refreshes nobody (it may
+            # have reached fewer than ``replicas`` nodes), so c republishes.
+            await republish(c.node)
+            assert c.node.statistics().republished == 1
+            assert c.node.statistics().republish_skipped == 0
+            assert holds(c, key, packet.id)
+            # c is a holder: what it re-placed at b counts as b's republish.
+            before = store_rpcs_out(b.node)
+            await republish(b.node)
+            assert b.node.statistics().republish_skipped == 1
+            assert b.node.statistics().republished == 0
+            assert store_rpcs_out(b.node) == before
+            # An interval on (marks forgotten), a re-sends the packet to b: a replay
+            # from outside the key's closest does not switch b's republish off.
+            b.node.packets.recent = RecentStores()
+            answer = await a.node.packets.store_remote(b.node.me, key, [packet.encoded])
+            assert answer is not None and answer[0] == ["duplicate"]
+            await republish(b.node)
+            assert b.node.statistics().republished == 1
+            # The origin's own republish is one placement per key.
+            await republish_own(a.node)
+            assert a.node.statistics().republished == 1
+
+
+async def test_only_replica_holders_republish_the_origin_restores(tmp_path: Path) -> None:
+    """A copy held outside the key's closest nodes is not republished by its holder;
+    the origin's republish places the packet at the closest."""
+    rng = random.Random(4)
+    manifest = Manifest(replicas=2)
+    with trio.fail_after(30):
+        async with three(tmp_path, manifest) as (a, b, c):
+            key = key_in_order([a, b, c], [1, 2, 0], rng)
+            packet = make_packet(a.identity, rng, manifest=manifest)
+            await a.node.packets.store_local(key, [packet], "local")
+            a.node.packets.recent = RecentStores()
+            await republish(a.node)
+            assert a.node.statistics().republished == 0
+            assert not holds(b, key, packet.id) and not holds(c, key, packet.id)
+            a.node.packets.own[packet.id] = (packet, (key,))
+            await republish_own(a.node)
+            assert holds(b, key, packet.id) and holds(c, key, packet.id)
