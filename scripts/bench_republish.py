@@ -14,8 +14,10 @@ the rule:
 - ``no skip``: the same, but every replica holder re-places every entry of its keys
   each interval (the skip rule switched off).
 
-The origins' own republish (``origin_republish_interval``) is switched off here: it
-is the same in both modes (one placement per key for an origin's packets). The stock
+The origins' own republish runs too, at the same interval (as the defaults have it:
+both hourly), the same in both modes (one placement per key for an origin's
+packets); it is what restores an entry that a put under load left only on nodes
+outside the key's closest, where no replica holder has it. The stock
 ``kademlia`` package has no packets to compare on; its values already follow the
 skip rule (a store refreshes a value's timestamp, and only values older than the
 interval are set again), as do qisd's stock values.
@@ -149,7 +151,7 @@ async def run_rule(p: RepublishParams, root: Path, rule: str) -> tuple[RuleRun, 
     rng = random.Random(p.seed)
     manifest = Manifest()
     config = dht_config(rpc_timeout=1.0, republish=p.interval, refresh=DAY,
-                        failure_backoff=30.0, origin_republish=DAY)
+                        failure_backoff=30.0, origin_republish=p.interval)
     run = RuleRun(rule=rule)
     async with trio.open_nursery() as nursery:
         swarm = LocalSwarm(nursery, root, config=config, manifest=manifest, seed=p.seed)
@@ -161,9 +163,6 @@ async def run_rule(p: RepublishParams, root: Path, rule: str) -> tuple[RuleRun, 
         await put_all(swarm, batch, 16)
         expected = [(k, pk.id) for _, pk in batch for k in packet_keys(manifest, pk)]
         run.after_put = await sample(swarm, start, cpu, expected, ids, manifest.replicas)
-        # The origins' republish is the same in both modes: switched off here.
-        for site in swarm.sites.values():
-            site.node.packets.own.clear()
         for n in range(p.intervals):
             start, cpu = counters(swarm), time.process_time()
             await trio.sleep(p.interval)

@@ -1,6 +1,6 @@
 """The republish benchmark (scripts/bench_republish.py) at a small size, the same code as
 the README's figures: with the skip rule the swarm's republish costs less per interval,
-and in both modes every entry keeps ``replicas`` copies without extras piling up."""
+and in both modes every entry is back to ``replicas`` copies, extras not piling up."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ async def test_skip_rule_costs_less_and_copies_stay_put() -> None:
     assert sum(x.skipped for x in qisd.intervals) > 0
     assert steady(qisd).store_rpcs < 0.7 * steady(no_skip).store_rpcs
     for mode in (no_skip, qisd):
-        first, last = mode.intervals[0], mode.intervals[-1]
+        last = mode.intervals[-1]
         assert last.min_copies >= 6, mode.rule
-        # Extras are moved and dropped, not multiplied interval after interval.
-        assert last.mean_copies <= max(first.mean_copies, 7.5), mode.rule
+        # Placement leaves about one extra copy per entry; republish must not pile
+        # more on interval after interval.
+        assert last.mean_copies <= 8.5, mode.rule
         assert last.at_closest >= 0.99, mode.rule
