@@ -47,8 +47,6 @@ MAX_OWN = 10_000
 #: A busy peer is asked this many times, after BUSY_BACKOFF, 2x, 4x... seconds.
 BUSY_RETRIES = 3
 BUSY_BACKOFF = 0.05
-#: A put places again the keys that got fewer than ``replicas`` copies, after these.
-PUT_RETRY_DELAYS = (0.2, 1.0)
 
 
 class FindReply(NamedTuple):
@@ -114,21 +112,6 @@ class PacketOps(Inbound):
             if not isinstance(key, bytes) or len(key) != ID_BYTES:
                 raise PacketError("keys", f"each key must be {ID_BYTES} bytes")
         placements = await self.each_key(keys, lambda key: self.place(key, [packet]))
-        # Under load a placement can end short of ``replicas`` copies (busy or slow
-        # peers dropped out and no closer node was left to ask); try those keys
-        # again now rather than leave it to the next republish, which may come
-        # after the few holders have gone (measured: scripts/fault_churn.py).
-        for delay in PUT_RETRY_DELAYS:
-            short = [i for i, pl in enumerate(placements) if pl.stored < node.replicas]
-            if not short or len(node.table) + (node.store is not None) < node.replicas:
-                break  # done, or too few nodes known to ever reach ``replicas``
-            await trio.sleep(delay)
-            again = await self.each_key(
-                [keys[i] for i in short], lambda key: self.place(key, [packet])
-            )
-            for i, pl in zip(short, again, strict=True):
-                if pl.stored > placements[i].stored:
-                    placements[i] = pl
         self.own[packet.id] = (packet, tuple(keys))
         self.own.move_to_end(packet.id)
         while len(self.own) > MAX_OWN:

@@ -124,29 +124,3 @@ async def test_only_replica_holders_republish_the_origin_restores(tmp_path: Path
             a.node.packets.own[packet.id] = (packet, (key,))
             await republish_own(a.node)
             assert holds(b, key, packet.id) and holds(c, key, packet.id)
-
-
-async def test_a_put_short_of_replicas_tries_those_keys_again(tmp_path: Path) -> None:
-    """A placement that lost a peer to a transient failure (busy, a late reply) is
-    placed again at once, not left to the next republish."""
-    rng = random.Random(6)
-    manifest = Manifest(replicas=3)  # all three nodes
-    with trio.fail_after(30):
-        async with three(tmp_path, manifest) as (a, b, c):
-            key = key_in_order([a, b, c], [1, 2, 0], rng)
-            packet = make_packet(a.identity, rng, manifest=manifest)
-            ops = a.node.packets
-            real = ops.store_remote
-            failed: list[bytes] = []
-
-            async def flaky(peer: Any, k: bytes, raws: list[bytes]) -> Any:
-                if peer.id == c.node.me.id and not failed:
-                    failed.append(peer.id)
-                    return None  # c is busy once
-                return await real(peer, k, raws)
-
-            ops.store_remote = flaky  # type: ignore[method-assign]
-            report = await a.node.put_packet(packet, keys=[key])
-            assert failed  # the first placement did lose c
-            assert report.placements[0].stored == 3
-            assert all(holds(m, key, packet.id) for m in (a, b, c))
