@@ -6,7 +6,8 @@ state directory) on 127.0.0.1 over real UDP, all in this one process:
 
 1. ``--nodes`` nodes join; ``--packets`` packets are put from random nodes (each at
    the ``replicas`` closest nodes of each of its LSH keys).
-2. ``--stop`` of the nodes (at random) stop: socket closed, store closed.
+2. Once every node has run its first republish, ``--stop`` of the nodes (at random)
+   stop: socket closed, store closed.
    Every packet is then looked for from a random running node, **by its exact
    keys** (one ``find_packets`` per key until one answer holds it); a sample is also
    looked for **by a query with its own vector** (all multi-probe keys, top 5 by
@@ -131,6 +132,11 @@ async def run_churn(p: ChurnParams, root: Path) -> ChurnResult:
         expected: list[Entry] = [(k, pk.id) for pk in packets for k in packet_keys(manifest, pk)]
         result.entries = len(expected)
         log(f"put {result.put_ok}/{p.packets} packets in {result.put_seconds:.0f} s")
+        # One round of republish before the stop (the first comes 1-1.5 intervals
+        # after a node starts): a put under load can end short of ``replicas``
+        # copies, and the holders' first republish is what brings them up. A swarm
+        # stopped before that measures the put under load, not churn.
+        await trio.sleep(max(0.0, started + 1.75 * p.republish - trio.current_time()))
 
         # -- stop a share at random ------------------------------------------------
         before = await held_entries(swarm, range(p.nodes))
