@@ -18,8 +18,9 @@ a fresh connection where the file was read-only), so writes resume without a
 restart once the cause is gone; :attr:`PacketStore.failure` holds the last refusal
 until a write succeeds.
 
-Reads are in :mod:`qisd.store_reads`. The API is synchronous and guarded by one
-lock, so the daemon runs it in a worker thread (``trio.to_thread.run_sync``) and
+Reads are in :mod:`qisd.store_reads`; the packets this node emitted (kept for
+its republish as their origin) in :mod:`qisd.store_own`. The API is synchronous
+and guarded by one lock, so the daemon runs it in a worker thread (``trio.to_thread.run_sync``) and
 batches writes with :meth:`PacketStore.put_many`.
 """
 
@@ -43,6 +44,7 @@ from qisd.storage import (
     writable,
     write_error,
 )
+from qisd.store_own import OWN_SCHEMA, StoreOwn
 from qisd.store_reads import StoreReads
 
 __all__ = ["PacketStore", "PutResult", "StoreError", "StoreStats"]
@@ -75,7 +77,7 @@ CREATE INDEX IF NOT EXISTS packets_by_expiry ON packets(expires_ms);
 CREATE INDEX IF NOT EXISTS packets_by_origin ON packets(origin, series);
 CREATE INDEX IF NOT EXISTS packets_by_topic ON packets(topic, created_ms);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-"""
+""" + OWN_SCHEMA
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +109,7 @@ class StoreStats:
     keys: int
 
 
-class PacketStore(StoreReads):
+class PacketStore(StoreReads, StoreOwn):
     """Packets by key in SQLite. Open with :meth:`open`; close with :meth:`close`."""
 
     def __init__(
@@ -344,8 +346,10 @@ class PacketStore(StoreReads):
         self._key_counts[key] = self._key_counts.get(key, 0) + 1
 
     def expire(self, now_ms: int) -> int:
-        """Delete expired packets (and their entries); returns how many."""
+        """Delete expired packets (and their entries, and own packets); returns how
+        many packets held for the swarm went."""
         with self._lock, self._writing() as conn:
+            self._expire_own(conn, now_ms)
             cur = conn.execute("DELETE FROM packets WHERE expires_ms <= ?", (now_ms,))
             if cur.rowcount:
                 self._forget_counts()

@@ -60,7 +60,7 @@ class StoreReads:
                 " WHERE e.key = ? AND e.id > ? AND p.expires_ms > ? ORDER BY e.id LIMIT ?",
                 (key, after or b"", now_ms, limit),
             ).fetchall()
-        return [_trusted(r[0]) for r in rows]
+        return [trusted_packet(r[0]) for r in rows]
 
     def key_items(self, key: bytes, now_ms: int) -> list[OutcomePacket]:
         out: list[OutcomePacket] = []
@@ -122,7 +122,7 @@ class StoreReads:
             if not rows:
                 return
             for row in rows:
-                yield _trusted(row[1])
+                yield trusted_packet(row[1])
             after = rows[-1][0]
 
     def recent(self, *, topic: str | None, limit: int, now_ms: int) -> list[OutcomePacket]:
@@ -135,7 +135,7 @@ class StoreReads:
         sql += " ORDER BY created_ms DESC, id LIMIT ?"
         with self._lock:
             rows = self._conn.execute(sql, (*args, limit)).fetchall()
-        return [_trusted(r[0]) for r in rows]
+        return [trusted_packet(r[0]) for r in rows]
 
     def _load(self, ids: Sequence[bytes]) -> dict[bytes, OutcomePacket]:
         if not ids:
@@ -146,10 +146,10 @@ class StoreReads:
                 f"SELECT id, data FROM packets WHERE id IN ({marks})",
                 tuple(ids),
             ).fetchall()
-        return {r[0]: _trusted(r[1]) for r in rows}
+        return {r[0]: trusted_packet(r[1]) for r in rows}
 
 
-def _trusted(data: bytes) -> OutcomePacket:
+def trusted_packet(data: bytes) -> OutcomePacket:
     # Everything in the store was verified before it was written.
     try:
         return decode_packet(data, verify=False)

@@ -20,8 +20,9 @@
   ``replicas`` copies (measured: scripts/fault_churn.py). Stock values older than
   the interval are ``set`` again, as the stock server does.
 - Origin republish, every ``origin_republish_interval`` (the first one
-  republish interval after start: own packets are remembered in memory only):
-  this node re-places its own packets, one placement per key for all of them.
+  republish interval after start): this node re-places the packets it put as
+  their origin (kept in the store, so across restarts: :mod:`qisd.dht.own`), one
+  placement per key for all of them.
   It restores entries no replica holder has (placed while the closest nodes were
   down, then held only by nodes farther out).
 - Expiry of packets, values, listen registrations and subscriptions; the routing
@@ -40,7 +41,6 @@ from kademlia.node import Node
 from qisd.dht import state
 from qisd.dht.values import StockValue
 from qisd.logs import get_logger
-from qisd.packet import OutcomePacket
 from qisd.store import StoreError
 
 if TYPE_CHECKING:
@@ -76,8 +76,9 @@ async def run(
                 first=cfg.republish_interval * node.rng.uniform(1.0, 1.5),
             )
         )
-        # Own packets are remembered in memory only: the first origin republish comes
-        # one republish interval after start, so a daemon restarted daily still runs it.
+        # The first origin republish comes at most one republish interval after start,
+        # so a daemon restarted more often than the origin interval still runs it (its
+        # list of own packets is read back from the store at start).
         nursery.start_soon(
             partial(
                 every, node, cfg.origin_republish_interval, republish_own, REPUBLISH_JITTER,
@@ -198,15 +199,8 @@ async def handoff_worker(node: DHTNode) -> None:
 
 async def republish_own(node: DHTNode) -> None:
     """Re-place this node's own live packets: one placement per key for all of them."""
-    now_ms = node.wall_ms()
     ops = node.packets
-    for pid, (packet, _) in list(ops.own.items()):
-        if packet.expires_ms <= now_ms:
-            del ops.own[pid]
-    own: dict[bytes, list[OutcomePacket]] = {}
-    for packet, packet_keys in ops.own.values():
-        for key in packet_keys:
-            own.setdefault(key, []).append(packet)
+    own = ops.own.live(node.wall_ms())
 
     async def put_own(key: bytes) -> None:
         node.counters.republished += len(own[key])

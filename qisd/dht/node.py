@@ -122,6 +122,7 @@ class DHTNode:
             self._nursery = nursery
             await nursery.start(self.transport.serve)
             await self.packets.reload_held()
+            await self.packets.own.load()
             restored = await state.load(self)
             if not self.admission.required:
                 for contact in restored:

@@ -21,7 +21,6 @@ Server-side handling of stored and pushed packets is in :mod:`qisd.dht.inbound`.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -31,6 +30,7 @@ from kademlia.node import Node
 from qisd.dht.api import KeyPlacement, PutReport
 from qisd.dht.inbound import OK_STATUSES, Inbound
 from qisd.dht.lookup import Reply
+from qisd.dht.own import OwnPackets
 from qisd.dht.paging import MAX_BATCH, batches, verify_all
 from qisd.dht.traverse import FAILED, LookupState
 from qisd.dht.wire import ID_BYTES
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
     from qisd.dht.node import DHTNode
 
 T = TypeVar("T")
-#: Own packets remembered for origin republish.
-MAX_OWN = 10_000
 #: A busy peer is asked this many times, after BUSY_BACKOFF, 2x, 4x... seconds.
 BUSY_RETRIES = 3
 BUSY_BACKOFF = 0.05
@@ -81,7 +79,8 @@ def holders_among_closest(
 class PacketOps(Inbound):
     def __init__(self, node: DHTNode) -> None:
         super().__init__(node)
-        self.own: OrderedDict[bytes, tuple[OutcomePacket, tuple[bytes, ...]]] = OrderedDict()
+        #: What this node put as origin, for its republish.
+        self.own = OwnPackets(node)
         #: Peers being checked (ping) after ignoring a packet RPC.
         self._classifying: set[tuple[str, int]] = set()
 
@@ -112,10 +111,7 @@ class PacketOps(Inbound):
             if not isinstance(key, bytes) or len(key) != ID_BYTES:
                 raise PacketError("keys", f"each key must be {ID_BYTES} bytes")
         placements = await self.each_key(keys, lambda key: self.place(key, [packet]))
-        self.own[packet.id] = (packet, tuple(keys))
-        self.own.move_to_end(packet.id)
-        while len(self.own) > MAX_OWN:
-            self.own.popitem(last=False)
+        await self.own.remember(packet, keys)
         return PutReport(packet.id, tuple(placements))
 
     async def place(self, key: bytes, packets: Sequence[OutcomePacket]) -> KeyPlacement:

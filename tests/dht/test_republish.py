@@ -121,6 +121,36 @@ async def test_only_replica_holders_republish_the_origin_restores(tmp_path: Path
             await republish(a.node)
             assert a.node.statistics().republished == 0
             assert not holds(b, key, packet.id) and not holds(c, key, packet.id)
-            a.node.packets.own[packet.id] = (packet, (key,))
+            await a.node.packets.own.remember(packet, [key])
             await republish_own(a.node)
             assert holds(b, key, packet.id) and holds(c, key, packet.id)
+
+
+async def test_the_origin_republishes_what_it_put_before_a_restart(tmp_path: Path) -> None:
+    """The list of own packets is in the store: a restarted origin still re-places
+    what it put before, after every holder lost it."""
+    rng = random.Random(5)
+    manifest = Manifest(replicas=2)
+    ids = [Identity.from_seed(bytes([i]) * 32) for i in (31, 32, 33)]
+    with trio.fail_after(30):
+        async with (
+            member(ids[1], tmp_path / "b", manifest=manifest, config=QUIET) as b,
+            member(ids[2], tmp_path / "c", manifest=manifest, config=QUIET) as c,
+        ):
+            await c.node.bootstrap([b.node.address])
+            async with member(ids[0], tmp_path / "a", manifest=manifest, config=QUIET) as a:
+                await a.node.bootstrap([b.node.address])
+                key = key_in_order([a, b, c], [1, 2, 0], rng)  # b, c, then a
+                packet = make_packet(a.identity, rng, manifest=manifest)
+                assert (await a.node.put_packet(packet, keys=[key])).ok
+            for m in (b, c):  # every holder loses it
+                assert holds(m, key, packet.id)
+                m.store.expire(packet.expires_ms)
+                assert not holds(m, key, packet.id)
+            async with member(ids[0], tmp_path / "a", manifest=manifest, config=QUIET) as a:
+                assert [p.id for p in a.node.packets.own.live(a.node.wall_ms())[key]] == [
+                    packet.id
+                ]
+                await a.node.bootstrap([b.node.address])
+                await republish_own(a.node)
+                assert holds(b, key, packet.id) and holds(c, key, packet.id)
