@@ -100,6 +100,10 @@ class QisdCollector:
                                 "Peers' listen registrations held here", value=st.listeners)
         yield CounterMetricFamily("qisd_handoffs", "Hand-offs to newly seen closer nodes",
                                   value=st.handoffs)
+        yield CounterMetricFamily(
+            "qisd_dht_task_errors", "Background DHT tasks that failed (logged, survived)",
+            value=st.task_errors,
+        )
         rep = CounterMetricFamily(
             "qisd_republish_entries",
             "(key, packet) entries handled by republish, by action: placed (re-placed; "
@@ -130,6 +134,10 @@ class QisdCollector:
                                   value=svc.emitted)
         yield CounterMetricFamily("qisd_queries", "Queries answered for local clients",
                                   value=svc.queries)
+        yield CounterMetricFamily(
+            "qisd_watch_missed_packets", "Packets a slow watch client missed (its buffer "
+            "was full; it is told with its next event)", value=svc.watches.dropped,
+        )
         yield CounterMetricFamily(
             "qisd_packets_delivered", "Packets delivered (accepted as responsible node or "
             "pushed for a listen)", value=st.deliveries,

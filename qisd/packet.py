@@ -255,6 +255,17 @@ def decode_packet(
     ``verify=False`` skips only the signature check; it is for bytes this node already
     verified and wrote to its own store, never for anything that came off the network.
     """
+    try:
+        return _decode(data, max_bytes, verify)
+    except PacketError:
+        raise
+    except Exception as exc:
+        # A malformation no rule above names: still the one error type, so no caller
+        # (a peer's bytes, a store row) can be crashed by it.
+        raise PacketError("packet", f"malformed ({type(exc).__name__})") from None
+
+
+def _decode(data: bytes, max_bytes: int, verify: bool) -> OutcomePacket:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise PacketError("packet", f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -280,7 +291,9 @@ def decode_packet(
         raise PacketError("packet", f"expected a map, got {type(raw).__name__}")
     unknown = set(raw) - _FIELDS
     if unknown:
-        raise PacketError(str(sorted(unknown)[0]), "unknown field")
+        # Map keys may be of any msgpack type (mixed str and bytes do not sort).
+        name = min(unknown, key=repr)
+        raise PacketError(name if isinstance(name, str) else repr(name), "unknown field")
     missing = _FIELDS - set(raw)
     if missing:
         name = sorted(missing)[0]
@@ -400,8 +413,9 @@ def _check_outcome(outcome: Any) -> None:
             if not -_INT64 <= value < _INT64:
                 raise PacketError(where, "integer out of 64-bit range")
         elif isinstance(value, float):
-            if not math.isfinite(value):
-                raise PacketError(where, "must be finite")
+            # Bounded like integers, so sums of squares in aggregates stay finite.
+            if not (math.isfinite(value) and -_INT64 <= value <= _INT64):
+                raise PacketError(where, "must be finite and within +-2**63")
         elif isinstance(value, str):
             if len(value) > MAX_OUTCOME_STR_CHARS:
                 raise PacketError(where, f"longer than {MAX_OUTCOME_STR_CHARS} characters")

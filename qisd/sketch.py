@@ -77,10 +77,20 @@ class Sketch:
                 f"sketch: {self.dim} dims at {self.bits} bits need "
                 f"{sketch_nbytes(self.dim, self.bits)} bytes, got {len(self.data)}"
             )
+        if not _any_component(self.data, self.dim, self.bits):
+            # No direction: nothing to route by or to compare with.
+            raise FingerprintError("sketch: every component is zero")
 
     def to_array(self) -> FloatArray:
         """The sketch as a unit float64 vector (zero vector if all components are 0)."""
         return dequantize(self)
+
+
+def _any_component(data: bytes, dim: int, bits: int) -> bool:
+    if bits == 4 and dim % 2:
+        # The low nibble of the last byte is padding, not a component.
+        return any(data[:-1]) or bool(data[-1] >> 4)
+    return any(data)
 
 
 def sketch_nbytes(dim: int, bits: int) -> int:

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from qisd.manifest import MAX_TABLES
 from qisd.packet import KIND_SYNTHESIS, OutcomePacket
 from qisd.storage import (
     STORAGE_FULL,
@@ -50,6 +51,8 @@ from qisd.store_reads import StoreReads
 __all__ = ["PacketStore", "PutResult", "StoreError", "StoreStats"]
 
 SCHEMA_VERSION = 1
+#: Keys one packet may be held under: one per LSH table, at most MAX_TABLES.
+MAX_KEYS_PER_PACKET = MAX_TABLES
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS packets (
@@ -87,7 +90,7 @@ class PutResult:
     status: ``stored`` (new), ``duplicate`` (already held under this key), ``added_key``
     (packet held, now also under this key), ``superseded`` (a newer packet of the same
     series is held; this one is dropped) or ``rejected`` (``reason`` says why: quota,
-    key_quota, full, expired).
+    key_quota, full, expired, packet_keys).
     """
 
     status: str
@@ -296,6 +299,11 @@ class PacketStore(StoreReads, StoreOwn):
             ).fetchone()
             if held_here:
                 return PutResult("duplicate")
+            (keys,) = conn.execute("SELECT COUNT(*) FROM entries WHERE id=?", (pid,)).fetchone()
+            if keys >= MAX_KEYS_PER_PACKET:
+                # A packet is routed under one key per LSH table: a peer naming more
+                # keys for it would grow the entries without bound.
+                return PutResult("rejected", "packet_keys")
             if not self._key_has_room(key):
                 return PutResult("rejected", "key_quota")
             self._add_entry(key, pid)
@@ -307,12 +315,25 @@ class PacketStore(StoreReads, StoreOwn):
             ).fetchone()[0]
             if newest is not None and newest >= p.created_ms:
                 return PutResult("superseded")
-            # This packet replaces every older one of its series, under every key.
+            # This packet replaces every older one of its series, under every key;
+            # if it is refused after all (quota, full), the older ones stay.
+            conn.execute("SAVEPOINT supersede")
             cur = conn.execute(
                 "DELETE FROM packets WHERE origin=? AND series=?", (p.origin, p.series)
             )
             if cur.rowcount:
                 self._forget_counts()
+            result = self._insert(key, p)
+            if not result.ok:
+                conn.execute("ROLLBACK TO supersede")
+                self._forget_counts()
+            conn.execute("RELEASE supersede")
+            return result
+        return self._insert(key, p)
+
+    def _insert(self, key: bytes, p: OutcomePacket) -> PutResult:
+        """A packet new to the store, under ``key``, if quotas and caps allow."""
+        pid = p.id
         if not self._key_has_room(key):
             return PutResult("rejected", "key_quota")
         count, size = self._total()
@@ -321,7 +342,7 @@ class PacketStore(StoreReads, StoreOwn):
         held = self._origin_count(p.origin)
         if held >= self.origin_limit:
             return PutResult("rejected", "quota")
-        conn.execute(
+        self._conn.execute(
             "INSERT INTO packets VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 pid, p.origin, p.series, p.topic, 1 if p.kind == KIND_SYNTHESIS else 0,

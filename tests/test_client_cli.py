@@ -9,11 +9,14 @@ subprocess to see that Ctrl-C ends it cleanly.
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,6 +27,7 @@ from typer.testing import CliRunner
 
 from qisd.cli.client_cmd import register
 from qisd.control.client import Client
+from qisd.control.errors import ControlError
 
 app = typer.Typer()
 register(app)
@@ -237,10 +241,12 @@ def test_query_file_json_lines(sock: str, tmp_path: Path) -> None:
     assert result.exit_code == 1
     out = [json.loads(ln) for ln in result.stdout.splitlines()]
     assert len(out) == 3
-    assert len(out[0]["matches"]) == 1 and set(out[0]) == {"matches", "answer"}
+    # Every JSON line names its input line, answered or not.
+    assert len(out[0]["matches"]) == 1 and set(out[0]) == {"line", "matches", "answer"}
+    assert out[0]["line"] == 1
     assert out[1] == {"line": 2, "error": {"code": "bad_request",
                                            "message": "missing field 'vector' for query"}}
-    assert out[2]["matches"] == []
+    assert out[2]["matches"] == [] and out[2]["line"] == 3
     assert result.stderr.startswith("line 2: bad_request:")
 
 
@@ -262,9 +268,12 @@ def test_watch_prints_events_until_the_stream_ends() -> None:
         result = run("watch", "--socket", str(path), "--topic", "w", "--json")
         table = run("watch", "--socket", str(path), "--topic", "w")
     assert result.exit_code == 1  # the daemon ended it: not a normal end
-    events = [json.loads(ln) for ln in result.stdout.splitlines()]
+    *events, end = [json.loads(ln) for ln in result.stdout.splitlines()]
     assert [e["outcome"] for e in events] == [{"i": 0}, {"i": 1}]
     assert "the daemon ended the watch" in result.stderr
+    # With --json the end is also the last JSON line, so a script reading stdout sees it.
+    assert end["error"]["code"] == "watch_ended"
+    assert "the daemon ended the watch" in end["error"]["message"]
     assert table.stdout.splitlines()[0].split()[:4] == [
         "2023-11-14T22:13:20Z", "w", "observation", "n=1"]
 
@@ -320,3 +329,366 @@ def test_help_mentions_exit_status() -> None:
     assert result.exit_code == 0
     assert "2 bad arguments, or no daemon" in " ".join(result.stdout.split())
     assert "QISD_SOCKET" in result.stdout
+
+
+# -- a --file run that stops part-way still accounts for every line ------------------
+
+
+def _lines(n: int) -> str:
+    return "\n".join([GOOD] * n) + "\n"
+
+
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qisd.cli import client_files
+
+    monkeypatch.setattr(client_files, "EMIT_BATCH_ITEMS", 2)
+
+
+def _fail_on_call(monkeypatch: pytest.MonkeyPatch, number: int, exc: Exception) -> None:
+    """Client.emit_many works, except that call ``number`` raises ``exc``."""
+    real = Client.emit_many
+    count = {"calls": 0}
+
+    def emit_many(self: Client, items: Any) -> list[dict[str, Any]]:
+        count["calls"] += 1
+        if count["calls"] == number:
+            raise exc
+        return real(self, items)
+
+    monkeypatch.setattr(Client, "emit_many", emit_many)
+
+
+@pytest.mark.usefixtures("small_batches")
+@pytest.mark.parametrize("exc", [
+    ConnectionError("the daemon closed the control connection (c.sock)"),
+    TimeoutError("no reply to emit_many within 30.0s from c.sock"),
+])
+def test_emit_file_stopped_by_the_connection_prints_the_summary_so_far(
+    sock: str, api: FakeAPI, monkeypatch: pytest.MonkeyPatch, exc: Exception
+) -> None:
+    _fail_on_call(monkeypatch, 2, exc)
+    lines = [GOOD, '{"x": 1}', GOOD, GOOD, GOOD, GOOD, GOOD]
+    table = run("emit", "--socket", sock, "--file", "-", input="\n".join(lines))
+    assert table.exit_code == 1
+    ids = [p["id"] for p in api.stored]
+    assert table.stdout.splitlines() == [
+        "LINE  ID", f"   1  {ids[0]}", f"   3  {ids[1]}",
+        "accepted=2 rejected=1 unconfirmed=2 not_sent_from=6",
+    ]
+    err = table.stderr.splitlines()
+    assert err[0].startswith("line 2: rejected: bad_request:")
+    assert err[1] == f"error: {exc}"
+    assert err[2:] == ["lines 4-5: sent, but no answer came; they may or may not have"
+                       " been stored", "line 6 and after: not sent"]
+
+    _fail_on_call(monkeypatch, 2, exc)
+    as_json = run("emit", "--socket", sock, "--file", "-", "--json", input="\n".join(lines))
+    assert as_json.exit_code == 1
+    summary = json.loads(as_json.stdout)
+    code = "timeout" if isinstance(exc, TimeoutError) else "connection_lost"
+    assert summary["error"] == {"code": code, "message": str(exc)}
+    assert (summary["accepted"], summary["rejected"], summary["unconfirmed"],
+            summary["not_sent_from"]) == (2, 1, 2, 6)
+    by_line = {r["line"]: r for r in summary["results"]}
+    assert sorted(by_line) == [1, 2, 3, 4, 5]
+    assert by_line[1]["id"] == api.stored[2]["id"] and by_line[3]["id"] == api.stored[3]["id"]
+    assert by_line[4]["unconfirmed"] is True and by_line[4]["error"]["code"] == code
+
+
+class StorageFullAPI(FakeAPI):
+    """The disk fills after ``room`` packets: later items get storage_full each."""
+
+    room = 3
+
+    async def emit_many(self, *, items: list[dict[str, Any]]) -> dict[str, Any]:
+        results: list[dict[str, Any]] = []
+        for item in items:
+            if len(self.stored) >= self.room:
+                results.append({"error": {"code": "storage_full",
+                                          "message": "the disk is full: /var/lib/qisd"}})
+            else:
+                results.append({"id": self._packet(**item)["id"]})
+        return {"results": results}
+
+
+class BrokenEmitAPI(FakeAPI):
+    """emit_many fails with a bug on its second call (an ``internal`` reply; raised
+    as such, so the server does not log a traceback into the captured stdout)."""
+
+    async def emit_many(self, *, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if any(c[0] == "emit_many" for c in self.calls):
+            raise ControlError("internal", "emit_many failed: RuntimeError: bug")
+        return await super().emit_many(items=items)
+
+
+@pytest.mark.usefixtures("small_batches")
+def test_emit_file_stops_at_a_full_disk_and_says_where() -> None:
+    api = StorageFullAPI()
+    with serving(api) as (path, _):
+        result = run("emit", "--socket", str(path), "--file", "-", "--json", input=_lines(9))
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    # Batches of two: lines 1-3 stored, 4 refused; line 5 was read, not sent.
+    assert (summary["accepted"], summary["rejected"], summary["unconfirmed"],
+            summary["not_sent_from"]) == (3, 1, 0, 5)
+    assert summary["error"]["code"] == "storage_full"
+    assert [r["line"] for r in summary["results"]] == [1, 2, 3, 4]
+    assert summary["results"][3]["error"]["code"] == "storage_full"
+    assert "line 5 and after: not sent" in result.stderr
+    assert len(api.stored) == 3
+
+
+@pytest.mark.usefixtures("small_batches")
+def test_emit_file_internal_error_leaves_the_batch_unconfirmed() -> None:
+    with serving(BrokenEmitAPI()) as (path, _):
+        result = run("emit", "--socket", str(path), "--file", "-", input=_lines(5))
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[-1] == (
+        "accepted=2 rejected=0 unconfirmed=2 not_sent_from=5")
+    assert "error: internal: emit_many failed: RuntimeError: bug" in result.stderr
+    assert "lines 3-4: sent, but no answer came" in result.stderr
+
+
+def test_emit_file_without_a_daemon_sends_nothing_and_exits_2() -> None:
+    with short_dir() as tmp:
+        result = run("emit", "--socket", str(tmp / "none.sock"), "--file", "-", "--json",
+                     input=_lines(2))
+    assert result.exit_code == 2
+    summary = json.loads(result.stdout)
+    assert (summary["accepted"], summary["not_sent_from"]) == (0, 1)
+    assert summary["error"]["code"] == "not_running"
+
+
+class BrokenQueryAPI(FakeAPI):
+    async def query(self, *, topic: str, vector: list[float], k: int = 10) -> dict[str, Any]:
+        if topic == "boom":
+            raise ControlError("internal", "query failed: RuntimeError: bug")
+        return await super().query(topic=topic, vector=vector, k=k)
+
+
+def test_query_file_stopped_part_way_says_from_which_line() -> None:
+    lines = ['{"topic": "t", "vector": [1, 2, 3]}', '{"topic": "boom", "vector": [1, 2, 3]}',
+             '{"topic": "t", "vector": [1, 2, 3]}']
+    with serving(BrokenQueryAPI()) as (path, _):
+        result = run("query", "--socket", str(path), "--file", "-", "--json",
+                     input="\n".join(lines))
+        table = run("query", "--socket", str(path), "--file", "-", input="\n".join(lines))
+    assert result.exit_code == 1
+    first, end = (json.loads(ln) for ln in result.stdout.splitlines())
+    assert first["line"] == 1 and "matches" in first
+    assert end == {"error": {"code": "internal", "message": "query failed: RuntimeError: bug"},
+                   "not_answered_from": 2}
+    assert table.exit_code == 1
+    assert table.stdout.startswith("line 1: t\n")
+    assert table.stderr.splitlines() == ["error: internal: query failed: RuntimeError: bug",
+                                         "line 2 and after: not answered"]
+
+
+def test_file_runs_refuse_per_line_options(sock: str, api: FakeAPI) -> None:
+    # Like --topic and --vector, -k belongs on each line: refused, not ignored.
+    query = run("query", "--socket", sock, "--file", "-", "-k", "1", input=GOOD)
+    assert query.exit_code == 2 and "-k" in query.output
+    emit = run("emit", "--socket", sock, "--file", "-", "--n", "1", input=GOOD)
+    assert emit.exit_code == 2 and "--n" in emit.output
+    assert not api.calls
+
+
+# -- bootstrap that reached nobody -------------------------------------------------
+
+
+class LonelyAPI(FakeAPI):
+    def __init__(self, failed: bool) -> None:
+        super().__init__()
+        self.failed = failed
+
+    async def bootstrap(self, *, addresses: list[str]) -> dict[str, Any]:
+        reply: dict[str, Any] = {"contacted": 0, "peers": 0}
+        if self.failed:
+            reply["failed"] = [{"address": a, "reason": "no answer within 5s"}
+                               for a in addresses]
+        return reply
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_bootstrap_that_reached_no_peer_fails_naming_the_addresses(failed: bool) -> None:
+    with serving(LonelyAPI(failed)) as (path, _):
+        table = run("bootstrap", "10.0.0.5:4470", "nowhere.invalid:4470", "--socket", str(path))
+        as_json = run("bootstrap", "10.0.0.5:4470", "--socket", str(path), "--json")
+    assert table.exit_code == 1
+    detail = " (no answer within 5s)" if failed else ""
+    assert table.stderr == (f"error: no bootstrap peer answered: 10.0.0.5:4470{detail},"
+                            f" nowhere.invalid:4470{detail}\n")
+    assert as_json.exit_code == 1
+    out = json.loads(as_json.stdout)
+    assert out["contacted"] == 0 and out["error"]["code"] == "unreachable"
+    assert "10.0.0.5:4470" in out["error"]["message"]
+
+
+# -- --socket paths that cannot be a control socket ------------------------------
+
+
+def test_socket_paths_that_cannot_work_are_named(tmp_path: Path) -> None:
+    long_path = "/tmp/" + "s" * 200 + ".sock"
+    regular = tmp_path / "file"
+    regular.write_text("")
+    for socket_path, expected in [
+        (long_path, f"too long for a Unix socket (210 bytes, at most 107): {long_path}"),
+        (str(regular), f"{regular} is a regular file, not a control socket"),
+        (str(tmp_path), f"{tmp_path} is a directory, not a control socket"),
+    ]:
+        result = run("status", "--socket", socket_path, "--json")
+        assert result.exit_code == 2, socket_path
+        assert expected in result.stderr and "qisd run" not in result.stderr
+        assert json.loads(result.stdout)["error"]["code"] == "bad_socket"
+    empty = run("status", "--socket", "")
+    assert empty.exit_code == 2 and "--socket" in empty.output and "empty" in empty.output
+
+
+# -- -o values ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("42", 42), ("-7", -7), ("0", 0), ("0.5", 0.5), ("-0.5", -0.5), ("1e3", 1000.0),
+    ("2.5E-1", 0.25), ("true", True), ("false", False),
+    ("02139", "02139"), ("1_000", "1_000"), ("+1", "+1"), (".5", ".5"), ("5.", "5."),
+    ("1e400", "1e400"), ("nan", "nan"), ("inf", "inf"), ("0x10", "0x10"), (" 1", " 1"),
+    ("True", "True"), ("null", "null"), ("", ""),
+    ('"02139"', "02139"), ('"true"', "true"), ('"a=b"', "a=b"), ('""', ""),
+])
+def test_outcome_values_follow_the_documented_rules(text: str, value: Any) -> None:
+    from qisd.cli.client_cmd import parse_outcome
+
+    parsed = parse_outcome([f"k={text}"])["k"]
+    assert parsed == value and type(parsed) is type(value)
+
+
+@pytest.mark.parametrize("text", ['"open', '"a" "b"', '"1" x'])
+def test_a_quoted_outcome_value_must_be_one_json_string(text: str) -> None:
+    from qisd.cli.client_cmd import parse_outcome
+
+    with pytest.raises(typer.BadParameter, match="one JSON string"):
+        parse_outcome([f"k={text}"])
+
+
+def test_outcome_rules_are_in_the_help() -> None:
+    text = " ".join(run("emit", "--help").stdout.split())
+    assert "plain JSON number" in text and "02139" in text and "JSON string" in text
+
+
+# -- --json errors ---------------------------------------------------------------------
+
+
+def test_json_errors_are_also_json_on_stdout(sock: str) -> None:
+    refused = run("emit", "--socket", sock, "--json", "-t", "t", "--vector", "[1, 2]",
+                  "-o", "a=1")
+    assert refused.exit_code == 1
+    assert json.loads(refused.stdout) == {"error": {
+        "code": "invalid", "message": "vector: expected 3 dimensions, got 2"}}
+    assert refused.stderr == "error: invalid: vector: expected 3 dimensions, got 2\n"
+
+    usage = run("query", "--socket", sock, "--json", "-t", "t", "--vector", "[1, oops]")
+    assert usage.exit_code == 2
+    error = json.loads(usage.stdout)["error"]
+    assert error["code"] == "usage" and "--vector" in error["message"]
+
+    with short_dir() as tmp:
+        missing = run("status", "--socket", str(tmp / "none.sock"), "--json")
+    assert missing.exit_code == 2
+    assert json.loads(missing.stdout)["error"]["code"] == "not_running"
+
+
+# -- a reader that stops reading ends the output quietly ------------------------------
+
+_CLI = ("import sys, typer; from qisd.cli.client_cmd import register;"
+        " app = typer.Typer(); register(app); app(sys.argv[1:])")
+
+
+@pytest.mark.parametrize("command", [
+    ["-c", _CLI, "status", "--json"], ["-c", _CLI, "packets"], ["-m", "qisd", "config", "show"],
+])
+def test_closed_stdout_is_a_quiet_end(sock: str, command: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QISD_")}
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run(
+            [sys.executable, *command], stdout=write_end, stderr=subprocess.PIPE, text=True,
+            timeout=TIMEOUT, env={**env, "QISD_SOCKET": sock},
+        )
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
+class WatchedAPI(FakeAPI):
+    """Says when a watch has subscribed (--json prints no "watching" line to wait for)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watching = threading.Event()
+
+    @asynccontextmanager
+    async def watch(self, *, topic: str, vector: list[float] | None = None
+                    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        async with super().watch(topic=topic, vector=vector) as events:
+            self.watching.set()
+            yield events
+
+
+def test_watch_piped_to_head_ends_quietly() -> None:
+    api = WatchedAPI()
+    with serving(api) as (path, _), Client(path, timeout=TIMEOUT) as client:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CLI, "watch", "--socket", str(path), "-t", "w", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            assert api.watching.wait(TIMEOUT)
+            client.emit(topic="w", vector=[1, 2, 3], outcome={"a": 1})
+            assert json.loads(_readline(proc.stdout))["topic"] == "w"
+            assert proc.stdout is not None
+            proc.stdout.close()  # as `head -1` does once it has its line
+            client.emit(topic="w", vector=[1, 2, 3], outcome={"a": 2})
+            assert proc.wait(TIMEOUT) == 0
+            assert proc.stderr is not None and proc.stderr.read() == ""
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+
+def test_query_notes_and_missed_watch_packets_are_shown() -> None:
+    from qisd.cli import render
+
+    text = render.render_query({"matches": [], "answer": {},
+                                "notes": ["2 packets of another dimension left out"]})
+    assert text.splitlines()[-1] == "note: 2 packets of another dimension left out"
+    line = render.render_event({"id": "ab", "topic": "t", "missed": 3, "outcome": {"a": 1}})
+    assert "missed=3" in line.split("  ")
+
+
+class FailingReader:
+    """Input whose third line cannot be read (a disk error, a dropped NFS mount)."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield (GOOD + "\n").encode()
+        yield (GOOD + "\n").encode()
+        raise OSError(5, "Input/output error")
+
+
+def test_emit_file_that_cannot_be_read_to_the_end_sends_what_it_read(
+    api: FakeAPI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qisd.cli.client_files import emit_file
+
+    with serving(api) as (path, _), Client(path, timeout=TIMEOUT) as client:
+        status = emit_file(client, FailingReader(), True)  # type: ignore[arg-type]
+    assert status == 1 and len(api.stored) == 2
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert (summary["accepted"], summary["not_sent_from"]) == (2, 3)
+    assert summary["error"] == {"code": "read_error", "message":
+                                "cannot read the input after line 2: Input/output error"}
+    assert "line 3 and after: not sent" in err

@@ -93,6 +93,7 @@ def test_synthesis_carries_generation_and_parents() -> None:
         ({"n": 1.5}, "n"),
         ({"outcome": {}}, "outcome"),
         ({"outcome": {"x": math.nan}}, "outcome.x"),
+        ({"outcome": {"x": -1e300}}, "outcome.x"),
         ({"outcome": {"x": [1, 2]}}, "outcome.x"),
         ({"outcome": {"x": "y" * 65}}, "outcome.x"),
         ({"outcome": {f"f{i}": i for i in range(17)}}, "outcome"),
@@ -171,7 +172,7 @@ def test_summary_is_json_friendly() -> None:
 outcome_values = st.one_of(
     st.booleans(),
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(min_value=-(2.0**63), max_value=2.0**63),
     st.text(max_size=64),
 )
 outcomes = st.dictionaries(
@@ -257,3 +258,44 @@ def test_unverified_decode_is_only_for_trusted_bytes() -> None:
     assert decode_packet(bad, verify=False).outcome == {"survived": False}
     with pytest.raises(PacketError):
         decode_packet(bad)
+
+
+def _resigned(p: OutcomePacket, **changes: object) -> bytes:
+    """``p`` with ``changes`` to its wire map, signed again by its origin's key: a
+    packet only the checks on its fields can refuse."""
+    raw = msgpack.unpackb(p.encoded, raw=False)
+    raw.update(changes)
+    del raw["x"]
+    body = msgpack.packb({k: raw[k] for k in sorted(raw)}, use_bin_type=True)
+    signature = KEY.sign(body).signature
+    return b"\x8e" + body[1:] + b"\xa1x\xc4\x40" + signature
+
+
+def test_resigned_packets_verify() -> None:
+    p = make()
+    assert decode_packet(_resigned(p, n=3)).n == 3
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        # No direction: it cannot be routed or compared (and once crashed synthesis).
+        ({"s": [64, 8, bytes(64)]}, "sketch"),
+        ({"s": [5, 4, bytes(2) + b"\x01"]}, "sketch"),  # only the padding nibble set
+        ({"q": {"x": 1e300}}, "outcome.x"),
+    ],
+)
+def test_signed_packets_with_bad_values_are_refused(changes: dict[str, object], field: str) -> None:
+    with pytest.raises(PacketError) as info:
+        decode_packet(_resigned(make(), **changes))
+    assert info.value.field == field
+
+
+def test_unknown_keys_of_mixed_types_are_named_not_crashed() -> None:
+    raw = msgpack.unpackb(make().encoded, raw=False)
+    raw[b"zz"] = 1
+    raw["zy"] = 2
+    with pytest.raises(PacketError) as info:
+        decode_packet(msgpack.packb(raw, use_bin_type=True))
+    assert info.value.reason == "malformed"
+    assert info.value.field in ("b'zz'", "zy")

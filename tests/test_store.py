@@ -120,6 +120,32 @@ def test_key_quota_and_full(tmp_path: Path) -> None:
     s.close()
 
 
+def test_a_refused_newer_packet_of_a_series_leaves_the_older(tmp_path: Path) -> None:
+    s = PacketStore.open(tmp_path / "s.db", key_quota=1, origin_quota=1.0)
+    k = nacl.signing.SigningKey(b"\x0a" * 32)
+    series = b"\x04" * 16
+    old = packet(1, key=k, kind=KIND_SYNTHESIS, series=series, created_ms=NOW)
+    new = packet(2, key=k, kind=KIND_SYNTHESIS, series=series, created_ms=NOW + 1)
+    assert s.put(KEY_A, old, now_ms=NOW).status == "stored"
+    assert s.put(KEY_B, packet(3), now_ms=NOW).status == "stored"  # KEY_B is full
+    result = s.put(KEY_B, new, now_ms=NOW)
+    assert (result.status, result.reason) == ("rejected", "key_quota")
+    assert s.get(old.id) == old and s.keys_of(old.id) == [KEY_A]  # nothing half-done
+    assert s.get(new.id) is None and s.statistics().packets == 2
+    assert s.put(KEY_A, new, now_ms=NOW).status == "stored"  # room once the old goes
+    assert s.get(old.id) is None
+    s.close()
+
+
+def test_a_packet_is_held_under_at_most_32_keys(store: PacketStore) -> None:
+    p = packet(1)
+    keys = [bytes([i]) * 20 for i in range(40)]
+    results = store.put_many([(key, p) for key in keys], now_ms=NOW)
+    assert [r.status for r in results[:32]] == ["stored"] + ["added_key"] * 31
+    assert {(r.status, r.reason) for r in results[32:]} == {("rejected", "packet_keys")}
+    assert len(store.keys_of(p.id)) == 32
+
+
 def test_top_ranks_by_cosine_and_pages(store: PacketStore) -> None:
     rng = np.random.default_rng(0)
     base = rng.standard_normal(32)

@@ -3,6 +3,8 @@
 * ``config_cmd`` -- ``qisd config check`` / ``qisd config show``
 * ``run_cmd``    -- ``qisd run``, the daemon
 * ``client_cmd`` -- ``qisd status``, ``emit``, ``query``... talking to a running daemon
+  (``client_files``: their ``--file`` runs; ``render``: tables; ``output``: stdout,
+  stderr and how failures read)
 
 Each module exposes ``register(app)``. The daemon returns data and the CLI renders it
 (a table, or the raw result with ``--json``), so commands stay thin.

@@ -4,36 +4,41 @@
 Each is a thin shell over :class:`qisd.Client`: it sends one request (or a stream of
 them from ``--file``) and prints the reply, as a table for people or as the daemon's
 map with ``--json`` (stable: keys are added, never renamed). Failures are one line
-on stderr; the exit status says which kind (:data:`EXIT_HELP`).
+on stderr, and with ``--json`` also ``{"error": {"code", "message"}}`` on stdout
+(:mod:`qisd.cli.output`); the exit status says which kind (:data:`EXIT_HELP`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
 from qisd.cli import render
-from qisd.cli.client_files import echo_json, emit_file, open_lines, query_file
+from qisd.cli.client_files import emit_file, open_lines, query_file
+from qisd.cli.output import Failure, echo, echo_json, failure, report, warn
 from qisd.control.calls import SOCKET_ENV
 from qisd.control.client import Client
-from qisd.control.errors import ControlError, DaemonNotRunning
+from qisd.control.errors import ControlError
 from qisd.control.protocol import check_params, loads
 
 __all__ = ["EXIT_HELP", "parse_outcome", "parse_vector", "register"]
 
 EXIT_HELP = (
-    "Exit status: 0 done; 1 the daemon refused the request (or some lines of --file);"
-    " 2 bad arguments, or no daemon on the socket."
+    "Exit status: 0 done; 1 the request failed (the daemon refused it, bootstrap reached"
+    " no peer, some lines of --file failed, or the run stopped part-way); 2 bad"
+    " arguments, or no daemon on the socket. With --json, an error found once the options"
+    ' parse is also printed on stdout as {"error": {"code": ..., "message": ...}}.'
 )
 
 SocketOption = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--socket", envvar=SOCKET_ENV, metavar="PATH", show_default=False,
         help="The daemon's control socket. Default: $QISD_SOCKET, else where"
@@ -85,22 +90,48 @@ def _checked_vector(value: Any) -> list[float] | None:
     return floats
 
 
-def _scalar(text: str) -> int | float | bool | str:
+#: A number exactly as JSON writes one (RFC 8259 section 6): no leading zeros, no
+#: underscores, no sign but minus, digits on both sides of a point.
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+OUTCOME_VALUES = (
+    "A value is a number only if written as a plain JSON number (42, -0.5, 1e3; not"
+    " 02139, 1_000, +1, .5 or one beyond float range) and an integer if it has no"
+    " point or exponent; true/false are booleans; anything else is text, as written."
+    " To force text, write it as a JSON string: -o 'zip=\"02139\"'."
+)
+
+
+def _scalar(key: str, text: str) -> int | float | bool | str:
+    """One ``-o`` value by the rules of :data:`OUTCOME_VALUES`."""
     if text in ("true", "false"):
         return text == "true"
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
+    if text.startswith('"'):
+        try:
+            forced = json.loads(text)
+        except ValueError:
+            forced = None
+        if not isinstance(forced, str):
+            raise typer.BadParameter(
+                f"{key}: a value starting with a double quote must be one JSON string,"
+                f" like \"02139\", got {text}", param_hint="--outcome")
+        return forced
+    number = _JSON_NUMBER.fullmatch(text)
+    if number is None:
         return text
-    return number if math.isfinite(number) else text  # "nan", "inf" stay text
+    if number.group(1) is None and number.group(2) is None:
+        try:
+            return int(text)
+        except ValueError:  # past Python's int-from-text digit limit
+            raise typer.BadParameter(f"{key}: integer of {len(text)} digits is too long",
+                                     param_hint="--outcome") from None
+    value = float(text)
+    return value if math.isfinite(value) else text  # 1e400: beyond float range
 
 
 def parse_outcome(pairs: list[str]) -> dict[str, int | float | bool | str]:
-    """``key=value`` pairs; values become int, float, bool (true/false) or str."""
+    """``key=value`` pairs; values become int, float, bool or str (see
+    :data:`OUTCOME_VALUES`)."""
     outcome: dict[str, int | float | bool | str] = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
@@ -109,39 +140,52 @@ def parse_outcome(pairs: list[str]) -> dict[str, int | float | bool | str]:
             raise typer.BadParameter(f"expected key=value, got {pair!r}", param_hint="--outcome")
         if key in outcome:
             raise typer.BadParameter(f"key {key!r} given twice", param_hint="--outcome")
-        outcome[key] = _scalar(value)
+        scalar = _scalar(key, value)
+        outcome[_text(key, "--outcome")] = (
+            _text(scalar, "--outcome", f"{key}: ") if isinstance(scalar, str) else scalar)
     return outcome
+
+
+def _text(value: str, option: str, prefix: str = "") -> str:
+    """``value`` if it can be sent as UTF-8; an argument with bytes that are not
+    UTF-8 reaches Python with surrogates in it, which JSON text cannot carry."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise typer.BadParameter(f"{prefix}{value!r} is not valid UTF-8 text",
+                                 param_hint=option) from None
+    return value
 
 
 # -- plumbing ----------------------------------------------------------------------
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+def _fail(fail: Failure, as_json: bool, extra: dict[str, Any] | None = None) -> NoReturn:
+    report(fail, as_json, extra)
+    raise typer.Exit(fail.exit_code)
 
 
 @contextmanager
-def _connected(socket: Path | None) -> Iterator[Client]:
-    """A client; any failure to talk to the daemon becomes one line and an exit."""
+def _connected(socket: str | None, as_json: bool) -> Iterator[Client]:
+    """A client; any failure to talk to the daemon becomes one error and an exit."""
+    if socket is not None and not socket:  # Path("") would be the current directory
+        raise typer.BadParameter("is empty; give the daemon's control socket",
+                                 param_hint="--socket")
     try:
         with Client(socket) as client:
             yield client
-    except DaemonNotRunning as exc:
-        _fail(str(exc), 2)
-    except PermissionError as exc:
-        _fail(exc.strerror or str(exc), 2)
-    except ControlError as exc:
-        _fail(f"{exc.code}: {exc.message}", 1)
-    except OSError as exc:  # timeouts, a daemon that went away mid-call
-        _fail(str(exc), 1)
+    except (ControlError, OSError) as exc:  # OSError: timeouts, a daemon gone mid-call
+        _fail(failure(exc), as_json)
+    except ValueError as exc:  # the client's own argument checks (qisd.control.calls)
+        _fail(Failure("usage", str(exc), 2), as_json)
 
 
 def _show(result: Mapping[str, Any], as_json: bool, render_fn: Any) -> None:
+    # A reader that stopped reading (| head) is no error: the request was done.
     if as_json:
         echo_json(result)
     else:
-        typer.echo(render_fn(result))
+        echo(render_fn(result))
 
 
 # -- commands --------------------------------------------------------------------------
@@ -149,19 +193,19 @@ def _show(result: Mapping[str, Any], as_json: bool, render_fn: Any) -> None:
 
 def status(socket: SocketOption = None, as_json: JsonOption = False) -> None:
     """Show the node: id, UDP address, peers, stored packets, metrics URL, version."""
-    with _connected(socket) as client:
+    with _connected(socket, as_json) as client:
         _show(client.call("status"), as_json, render.render_status)
 
 
 def peers(socket: SocketOption = None, as_json: JsonOption = False) -> None:
     """List the peers in the node's routing table."""
-    with _connected(socket) as client:
+    with _connected(socket, as_json) as client:
         _show(client.call("peers"), as_json, render.render_peers)
 
 
 def identity(socket: SocketOption = None, as_json: JsonOption = False) -> None:
     """Show the node id and public key (what other sites see as this origin)."""
-    with _connected(socket) as client:
+    with _connected(socket, as_json) as client:
         _show(client.call("identity"), as_json, render.key_values)
 
 
@@ -175,8 +219,8 @@ def packets(
     """List packets stored on this node, newest first."""
     params: dict[str, Any] = {"limit": limit}
     if topic is not None:
-        params["topic"] = topic
-    with _connected(socket) as client:
+        params["topic"] = _text(topic, "--topic")
+    with _connected(socket, as_json) as client:
         _show(client.call("packets", params), as_json, render.render_packets)
 
 
@@ -199,10 +243,37 @@ def bootstrap(
     socket: SocketOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Join a swarm through one or more running nodes."""
+    """Join a swarm through one or more running nodes.
+
+    Fails (exit 1) when none of them answered.
+    """
     checked = [_hostport(a) for a in addresses]
-    with _connected(socket) as client:
-        _show(client.call("bootstrap", {"addresses": checked}), as_json, render.key_values)
+    with _connected(socket, as_json) as client:
+        result = client.call("bootstrap", {"addresses": checked})
+    reasons = _bootstrap_failures(result)
+    if result.get("contacted") == 0:
+        tried = ", ".join(f"{a} ({reasons[a]})" if a in reasons else a for a in checked)
+        fail = Failure("unreachable", f"no bootstrap peer answered: {tried}")
+        if not as_json:
+            echo(render.key_values(_without_failed(result)))
+        _fail(fail, as_json, extra=result)
+    _show(result, as_json, lambda r: render.key_values(_without_failed(r)))
+    for address, reason in reasons.items():
+        warn(f"warning: {address}: {reason}")
+
+
+def _bootstrap_failures(result: Mapping[str, Any]) -> dict[str, str]:
+    """address -> reason, from the reply's ``failed`` list if the daemon sent one."""
+    failed = result.get("failed")
+    if not isinstance(failed, list):
+        return {}
+    return {str(f.get("address")): str(f.get("reason")) for f in failed
+            if isinstance(f, Mapping)}
+
+
+def _without_failed(result: Mapping[str, Any]) -> dict[str, Any]:
+    # Failures are printed one per line on stderr; a table cell would run them together.
+    return {k: v for k, v in result.items() if k != "failed"}
 
 
 def emit(
@@ -213,9 +284,10 @@ def emit(
     vector: VectorOption = None,
     outcome: Annotated[list[str] | None, typer.Option(
         "--outcome", "-o", metavar="KEY=VALUE", show_default=False,
-        help="An outcome field (repeat for more); values are read as int, float,"
-             " true/false, else text.")] = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="Cases this packet distils.")] = 1,
+        help="An outcome field (repeat for more). " + OUTCOME_VALUES)] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, show_default=False,
+                                          help="Cases this packet distils (default 1).")
+                 ] = None,
     ttl: Annotated[int | None, typer.Option("--ttl", min=1, show_default=False,
                                             help="Seconds to live (default: the swarm's)."
                                             )] = None,
@@ -226,28 +298,31 @@ def emit(
     With --file: one JSON object per line, {"topic", "vector", "outcome", "n"?, "ttl"?}.
 
     Rejected lines are named on stderr with the reason; a summary accepted=N rejected=M follows.
+    If the run stops part-way (the daemon went away, a timeout, a full disk), the summary
+    still comes: the lines stored with their ids, those sent without an answer (they may
+    or may not be stored), and the first line not sent.
     """
     if file is not None:
         given = [name for name, v in (("--topic", topic), ("--vector", vector),
                                       ("--outcome", outcome), ("--ttl", ttl),
-                                      ("--n", n != 1)) if v]
+                                      ("--n", n)) if v is not None]
         if given:
             raise typer.BadParameter(f"cannot be combined with {', '.join(given)}",
                                      param_hint="--file")
-        with open_lines(file) as fh, _connected(socket) as client:
-            rejected = emit_file(client, fh, as_json)
-        raise typer.Exit(1 if rejected else 0)
+        with open_lines(file) as fh, _connected(socket, as_json) as client:
+            status = emit_file(client, fh, as_json)
+        raise typer.Exit(status)
     if not topic:
         raise typer.BadParameter("is required (or give --file)", param_hint="--topic")
     if vector is None:
         raise typer.BadParameter("is required (or give --file)", param_hint="--vector")
     if not outcome:
         raise typer.BadParameter("give at least one key=value", param_hint="--outcome")
-    params: dict[str, Any] = {"topic": topic, "vector": parse_vector(vector),
-                              "outcome": parse_outcome(outcome), "n": n}
+    params: dict[str, Any] = {"topic": _text(topic, "--topic"), "vector": parse_vector(vector),
+                              "outcome": parse_outcome(outcome), "n": 1 if n is None else n}
     if ttl is not None:
         params["ttl"] = ttl
-    with _connected(socket) as client:
+    with _connected(socket, as_json) as client:
         _show(client.call("emit", params), as_json, render.render_emit)
 
 
@@ -257,29 +332,34 @@ def query(
     topic: Annotated[str | None, typer.Option("--topic", "-t", help="The topic.",
                                               show_default=False)] = None,
     vector: VectorOption = None,
-    k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many matches.")] = 10,
+    k: Annotated[int | None, typer.Option("-k", "--k", min=1, show_default=False,
+                                          help="How many matches (default 10).")] = None,
     file: FileOption = None,
 ) -> None:
     """Ask what happened to cases like this one.
 
     Prints the k most similar packets and the answer they give.
 
-    With --file: one {"topic", "vector", "k"?} object per line (JSON lines out with --json).
+    With --file: one {"topic", "vector", "k"?} object per line (JSON lines out with
+    --json, each with its "line").
     """
     if file is not None:
-        given = [name for name, v in (("--topic", topic), ("--vector", vector)) if v]
+        given = [name for name, v in (("--topic", topic), ("--vector", vector), ("-k", k))
+                 if v is not None]
         if given:
-            raise typer.BadParameter(f"cannot be combined with {', '.join(given)}",
-                                     param_hint="--file")
-        with open_lines(file) as fh, _connected(socket) as client:
-            failed = query_file(client, fh, as_json)
-        raise typer.Exit(1 if failed else 0)
+            raise typer.BadParameter(
+                f"cannot be combined with {', '.join(given)} (give them on each line)",
+                param_hint="--file")
+        with open_lines(file) as fh, _connected(socket, as_json) as client:
+            status = query_file(client, fh, as_json)
+        raise typer.Exit(status)
     if not topic:
         raise typer.BadParameter("is required (or give --file)", param_hint="--topic")
     if vector is None:
         raise typer.BadParameter("is required (or give --file)", param_hint="--vector")
-    params = {"topic": topic, "vector": parse_vector(vector), "k": k}
-    with _connected(socket) as client:
+    params = {"topic": _text(topic, "--topic"), "vector": parse_vector(vector),
+              "k": 10 if k is None else k}
+    with _connected(socket, as_json) as client:
         _show(client.call("query", params), as_json, render.render_query)
 
 
@@ -292,19 +372,23 @@ def watch(
     """Print packets of a topic as they arrive, until Ctrl-C.
 
     One line per packet (JSON lines with --json); with --vector, also the similarity to it.
+    Ends quietly (exit 0) on Ctrl-C or when the reader of its output stops reading.
     """
+    _text(topic, "--topic")
     params_vector = parse_vector(vector) if vector is not None else None
-    with _connected(socket) as client:
+    with _connected(socket, as_json) as client:
         try:
             with client.watch(topic=topic, vector=params_vector) as events:
                 if not as_json:
-                    typer.echo(f"watching topic {topic!r}; Ctrl-C to stop", err=True)
+                    warn(f"watching topic {topic!r}; Ctrl-C to stop")
                 for event in events:
-                    typer.echo(json.dumps(event, ensure_ascii=False) if as_json
-                               else render.render_event(event))
+                    if not echo(json.dumps(event, ensure_ascii=False) if as_json
+                                else render.render_event(event)):
+                        raise typer.Exit(0)  # | head: the reader has what it wanted
         except KeyboardInterrupt:
             raise typer.Exit(0) from None
-    _fail(f"the daemon ended the watch ({client.socket_path})", 1)
+    _fail(Failure("watch_ended", f"the daemon ended the watch ({client.socket_path})"),
+          as_json)
 
 
 _COMMANDS = (
@@ -314,7 +398,23 @@ _COMMANDS = (
 )
 
 
+def _json_usage_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """``command``, printing with --json its usage errors (a bad --vector...) also
+    as a JSON error on stdout; click still prints them with the usage and exits 2."""
+
+    @functools.wraps(command)
+    def run(**params: Any) -> None:
+        try:
+            command(**params)
+        except typer.BadParameter as exc:
+            if params.get("as_json"):
+                echo_json({"error": {"code": "usage", "message": exc.format_message()}})
+            raise
+
+    return run
+
+
 def register(app: typer.Typer) -> None:
     """Add the client commands to the ``qisd`` app."""
     for name, command in _COMMANDS:
-        app.command(name, epilog=EXIT_HELP)(command)
+        app.command(name, epilog=EXIT_HELP)(_json_usage_errors(command))

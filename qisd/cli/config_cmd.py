@@ -17,6 +17,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from qisd.cli.output import echo
 from qisd.config import Config, ConfigError, load_config, to_dict, to_toml
 
 __all__ = ["config_app", "register"]
@@ -103,18 +104,18 @@ def show(
 ) -> None:
     """Print the effective configuration (defaults, file and environment applied)."""
     config = _load(config_file)
+    # echo: a reader that stops early (| head) ends the output quietly, exit 0.
     if as_json:
-        typer.echo(json.dumps(to_dict(config), indent=2))
+        echo(json.dumps(to_dict(config), indent=2))
         return
     try:
         state_dir, socket = config.resolved_state_dir(), config.resolved_socket()
     except ConfigError as exc:
         _fail(exc.problems)
-    typer.echo(f"# qisd effective configuration: {_describe(config)}")
-    typer.echo(f"# state directory: {state_dir}")
-    typer.echo(f"# control socket: {socket}")
-    typer.echo("")
-    typer.echo(to_toml(config, annotate=True), nl=False)
+    echo(f"# qisd effective configuration: {_describe(config)}\n"
+         f"# state directory: {state_dir}\n"
+         f"# control socket: {socket}\n\n"
+         f"{to_toml(config, annotate=True)}", nl=False)
 
 
 def register(app: typer.Typer) -> None:

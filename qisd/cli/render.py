@@ -168,7 +168,10 @@ def render_query(result: Mapping[str, Any]) -> str:
         top = "no matches"
     answer = result.get("answer")
     if isinstance(answer, Mapping) and answer:
-        return f"{top}\n\nanswer\n{_answer(answer)}"
+        top = f"{top}\n\nanswer\n{_answer(answer)}"
+    notes = result.get("notes")
+    if isinstance(notes, list) and notes:  # e.g. packets of another dimension left out
+        top += "\n\n" + "\n".join(f"note: {cell(note)}" for note in notes)
     return top
 
 
@@ -187,5 +190,7 @@ def render_event(event: Mapping[str, Any]) -> str:
              cell(event.get("kind")), f"n={cell(event.get('n'))}", cell(event.get("id"))]
     if "similarity" in event:
         parts.append(f"similarity={_similarity(event['similarity'])}")
+    if event.get("missed"):  # packets this watcher was too slow to take, before this one
+        parts.append(f"missed={cell(event['missed'])}")
     parts.append(cell(event.get("outcome")))
     return "  ".join(parts)

@@ -28,11 +28,13 @@ from qisd.control.calls import (
     as_vector,
     check_reply,
     connect_error,
-    emit_item,
     emit_params,
+    json_value,
+    merge_results,
     resolve_socket_path,
     result_list,
     result_str,
+    split_items,
 )
 from qisd.control.errors import ControlError
 from qisd.control.framing import LineSplitter, Overflow
@@ -180,18 +182,22 @@ class AsyncClient:
         return result_str(await self.call("emit", params), "id")
 
     async def emit_many(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        result = await self.call("emit_many", {"items": [emit_item(i) for i in items]})
-        return result_list(result, "results")
+        send, slots = split_items(items)
+        if not send:
+            return merge_results(slots, [])
+        result = await self.call("emit_many", {"items": send})
+        return merge_results(slots, result_list(result, "results"))
 
     async def query(self, *, topic: str, vector: Any, k: int = 10) -> dict[str, Any]:
-        return await self.call("query", {"topic": topic, "vector": as_vector(vector), "k": k})
+        return await self.call("query", {"topic": json_value(topic, "topic"),
+                                         "vector": as_vector(vector), "k": json_value(k, "k")})
 
     async def packets(
         self, *, topic: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {"limit": limit}
+        params: dict[str, Any] = {"limit": json_value(limit, "limit")}
         if topic is not None:
-            params["topic"] = topic
+            params["topic"] = json_value(topic, "topic")
         return result_list(await self.call("packets", params), "packets")
 
     async def bootstrap(self, addresses: str | Sequence[str]) -> dict[str, Any]:
@@ -200,7 +206,7 @@ class AsyncClient:
     def watch(self, *, topic: str, vector: Any = None) -> AsyncWatch:
         """``async with client.watch(topic=...) as events: async for event in events``;
         entering returns once the daemon has acknowledged the watch."""
-        params: dict[str, Any] = {"topic": topic}
+        params: dict[str, Any] = {"topic": json_value(topic, "topic")}
         if vector is not None:
             params["vector"] = as_vector(vector)
         return AsyncWatch(self.socket_path, params, timeout=self.timeout)

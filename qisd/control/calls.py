@@ -1,21 +1,31 @@
-"""What the blocking and the trio client share (pure): finding the socket, turning
-Python arguments into request params, and reading results out of replies."""
+"""What the blocking and the trio client share (pure, but for a ``stat`` of the socket
+path once a connect has failed): finding the socket, turning Python arguments into
+request params, and reading results out of replies.
+
+Arguments are made JSON-ready here, before anything is sent: numpy arrays and
+scalars become Python values, and what JSON cannot carry (a non-string key, NaN, a
+set...) raises ValueError naming the argument (``outcome.age``, ``vector[3]``).
+Whether a value makes sense (a vector's length, a ttl's range) is the daemon's to
+say, so that its error can name it.
+"""
 
 from __future__ import annotations
 
 import errno
 import math
 import os
+import stat
 from collections.abc import Iterable, Mapping, Sequence
-from numbers import Real
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
-from qisd.control.errors import ControlError, DaemonNotRunning
-from qisd.control.protocol import BAD_REPLY, Reply, RequestId
+from qisd.control.errors import ControlError, ControlSocketError, DaemonNotRunning
+from qisd.control.protocol import BAD_REPLY, BAD_REQUEST, Reply, RequestId
 
 __all__ = [
     "MAX_REPLY_BYTES",
+    "MAX_SOCKET_PATH_BYTES",
     "SOCKET_ENV",
     "addresses_list",
     "as_vector",
@@ -23,9 +33,13 @@ __all__ = [
     "connect_error",
     "emit_item",
     "emit_params",
+    "json_value",
+    "merge_results",
+    "outcome_map",
     "resolve_socket_path",
     "result_list",
     "result_str",
+    "split_items",
 ]
 
 #: The environment variable naming the control socket (as ``--socket`` does).
@@ -34,6 +48,8 @@ SOCKET_ENV = "QISD_SOCKET"
 SERVICE_SOCKET = Path("/run/qisd/qisd.sock")
 #: Longest reply line a client accepts (a page of packets is far smaller).
 MAX_REPLY_BYTES = 64 << 20
+#: Longest socket path connect() takes: sun_path holds 108 bytes on Linux, one the NUL.
+MAX_SOCKET_PATH_BYTES = 107
 
 
 def resolve_socket_path(
@@ -42,8 +58,14 @@ def resolve_socket_path(
     """``socket_path`` if given, else ``$QISD_SOCKET``, else where the daemon binds by
     default (:func:`qisd.paths.default_socket_path`); if nothing is there but the
     system service's socket exists, that one (an operator's shell has no
-    ``$RUNTIME_DIRECTORY``)."""
+    ``$RUNTIME_DIRECTORY``). An empty ``socket_path`` is a ValueError: ``Path("")``
+    would quietly mean the current directory."""
     if socket_path is not None:
+        if not os.fspath(socket_path):
+            raise ValueError(
+                "socket_path is empty: give the daemon's control socket, or None for"
+                " the default"
+            )
         return Path(socket_path)
     env = os.environ if env is None else env
     if env.get(SOCKET_ENV):
@@ -56,11 +78,43 @@ def resolve_socket_path(
     return path
 
 
+def _not_a_socket(path: Path) -> str | None:
+    """What is at ``path`` if it is something other than a socket, else None."""
+    try:
+        mode = os.stat(path).st_mode  # connect() follows symlinks too
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    return "not a socket"
+
+
 def connect_error(path: Path, exc: OSError) -> OSError:
-    """The error to raise when connecting to ``path`` failed with ``exc``."""
+    """The error to raise when connecting to ``path`` failed with ``exc``: a
+    :class:`ControlSocketError` naming the path when it cannot be a control socket
+    (too long, a file, a directory), :class:`DaemonNotRunning` when no daemon
+    answers there, else ``exc`` (with a clearer message for a permission error)."""
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH_BYTES:  # connect() says only "AF_UNIX path too long"
+        return ControlSocketError(
+            f"control socket path is too long for a Unix socket ({size} bytes, at most"
+            f" {MAX_SOCKET_PATH_BYTES}): {path}"
+        )
     if isinstance(exc, FileNotFoundError | NotADirectoryError):
         return DaemonNotRunning(path, "no control socket")
     if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ENOTSOCK:
+        what = _not_a_socket(path)
+        if what is not None:  # connect() refuses these just like a dead socket
+            return ControlSocketError(
+                f"{path} is {what}, not a control socket; point --socket (or"
+                f" ${SOCKET_ENV}) at the socket of a running qisd"
+            )
         return DaemonNotRunning(path, "nothing is listening on the control socket")
     if isinstance(exc, PermissionError):
         return PermissionError(
@@ -71,18 +125,87 @@ def connect_error(path: Path, exc: OSError) -> OSError:
     return exc
 
 
+# -- arguments to params -----------------------------------------------------------
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _text(value: str, name: str) -> str:
+    """``value`` if UTF-8 can carry it (a lone surrogate, e.g. from undecodable
+    bytes, cannot be sent)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{name} is not valid text: it holds a lone surrogate {value[exc.start]!r}"
+        ) from None
+    return value
+
+
+def json_value(value: Any, name: str) -> Any:
+    """``value`` as plain JSON data: numpy arrays and scalars become Python values,
+    tuples become lists. Raises ValueError naming ``name`` (and the key or index
+    inside it) for a non-string key, a non-finite number, or a type JSON cannot
+    carry, rather than letting it be changed (``{1: 2}`` sent as ``{"1": 2}``) or
+    fail inside the JSON encoder."""
+    if hasattr(value, "tolist") and not isinstance(value, str | bytes):
+        value = value.tolist()  # numpy, without importing it
+    if isinstance(value, str):
+        return _text(value, name)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, Integral):
+        return int(value)
+    if isinstance(value, Real):
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ValueError(f"{name} is out of float range") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{name} must be a finite number, got {number}")
+        return number
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            if not isinstance(key, str):
+                raise ValueError(
+                    f"{name} keys must be strings, got {key!r} ({_type_name(key)})"
+                )
+            out[_text(key, f"{name} key")] = json_value(inner, f"{name}.{key}")
+        return out
+    if isinstance(value, list | tuple):
+        return [json_value(inner, f"{name}[{i}]") for i, inner in enumerate(value)]
+    raise ValueError(
+        f"{name} must be a string, number, boolean, None, list or map, got"
+        f" {_type_name(value)}"
+    )
+
+
+def outcome_map(outcome: Any, name: str = "outcome") -> dict[str, Any]:
+    """An outcome map made JSON-ready (see :func:`json_value`)."""
+    if not isinstance(outcome, Mapping):
+        raise ValueError(f"{name} must be a map of name -> value, got {_type_name(outcome)}")
+    checked: dict[str, Any] = json_value(outcome, name)
+    return checked
+
+
 def as_vector(vector: Any, name: str = "vector") -> list[float]:
     """A list of finite floats from a list, tuple or numpy array of numbers; raises
     ValueError naming ``name`` otherwise."""
     if hasattr(vector, "tolist"):  # numpy arrays and scalars, without importing numpy
         vector = vector.tolist()
     if isinstance(vector, str | bytes | Mapping) or not isinstance(vector, Iterable):
-        raise ValueError(f"{name} must be a sequence of numbers, got {type(vector).__name__}")
+        raise ValueError(f"{name} must be a sequence of numbers, got {_type_name(vector)}")
     out: list[float] = []
     for i, x in enumerate(vector):
         if isinstance(x, bool) or not isinstance(x, Real):
-            raise ValueError(f"{name}[{i}] must be a number, got {type(x).__name__}")
-        value = float(x)
+            raise ValueError(f"{name}[{i}] must be a number, got {_type_name(x)}")
+        try:
+            value = float(x)
+        except OverflowError:  # an integer such as 10**400
+            raise ValueError(f"{name}[{i}] is out of float range") from None
         if not math.isfinite(value):
             raise ValueError(f"{name}[{i}] must be finite, got {value}")
         out.append(value)
@@ -90,23 +213,108 @@ def as_vector(vector: Any, name: str = "vector") -> list[float]:
 
 
 def emit_params(
-    topic: str, vector: Any, outcome: Mapping[str, Any], n: int, ttl: int | None
+    topic: Any, vector: Any, outcome: Any, n: Any, ttl: Any
 ) -> dict[str, Any]:
+    """``emit``'s params, JSON-ready; raises ValueError naming a bad argument."""
     params: dict[str, Any] = {
-        "topic": topic, "vector": as_vector(vector), "outcome": dict(outcome), "n": n,
+        "topic": json_value(topic, "topic"), "vector": as_vector(vector),
+        "outcome": outcome_map(outcome), "n": json_value(n, "n"),
     }
     if ttl is not None:
-        params["ttl"] = ttl
+        params["ttl"] = json_value(ttl, "ttl")
     return params
 
 
-def emit_item(item: Mapping[str, Any]) -> dict[str, Any]:
-    """One ``emit_many`` item with its vector made JSON-ready (other fields are left
-    for the daemon to check, so it can name what is wrong)."""
-    out = dict(item)
-    if "vector" in out:
-        out["vector"] = as_vector(out["vector"])
+def emit_item(item: Any, name: str = "item") -> dict[str, Any]:
+    """One ``emit_many`` item made JSON-ready; raises ValueError naming ``name`` (and
+    the field). Missing or unknown fields are left for the daemon to name."""
+    if not isinstance(item, Mapping):
+        raise ValueError(f"{name} must be a map of emit fields, got {_type_name(item)}")
+    out: dict[str, Any] = {}
+    for key, value in item.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{name} keys must be strings, got {key!r} ({_type_name(key)})")
+        try:
+            if key == "vector":
+                out[key] = as_vector(value)
+            elif key == "outcome":
+                out[key] = outcome_map(value)
+            else:
+                out[key] = json_value(value, key)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
     return out
+
+
+def split_items(items: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any] | None]]:
+    """``emit_many``'s items as (the ones to send, one slot per item): a slot is
+    None for an item to send, else that item's own error result (``bad_request``
+    naming ``items[i]``), so one bad item does not sink the batch (see
+    :func:`merge_results`). Raises ValueError if ``items`` is not a sequence."""
+    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
+        raise ValueError(f"items must be a sequence of maps, got {_type_name(items)}")
+    send: list[dict[str, Any]] = []
+    slots: list[dict[str, Any] | None] = []
+    for i, item in enumerate(items):
+        try:
+            send.append(emit_item(item, f"items[{i}]"))
+        except ValueError as exc:
+            slots.append({"error": {"code": BAD_REQUEST, "message": str(exc)}})
+            continue
+        slots.append(None)
+    return send, slots
+
+
+def merge_results(
+    slots: Sequence[dict[str, Any] | None], results: Sequence[Any]
+) -> list[dict[str, Any]]:
+    """The daemon's ``results`` for the items sent, put back in their slots: one
+    result per item, in order. The daemon numbers items by their place in what was
+    sent; an ``items[j]`` in its messages is renumbered to the caller's index."""
+    sent = [i for i, slot in enumerate(slots) if slot is None]
+    if len(results) != len(sent):
+        raise ControlError(
+            BAD_REPLY, f"daemon sent {len(results)} results for {len(sent)} items"
+        )
+    merged: list[Any] = list(slots)
+    for j, (i, result) in enumerate(zip(sent, results, strict=True)):
+        merged[i] = _renumbered(result, j, i) if i != j else result
+    return merged
+
+
+def _renumbered(result: Any, sent_index: int, index: int) -> Any:
+    error = result.get("error") if isinstance(result, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return result
+    prefix = f"items[{sent_index}]: "
+    message: str = error["message"]
+    if not message.startswith(prefix):
+        return result
+    renamed = f"items[{index}]: {message.removeprefix(prefix)}"
+    return {**result, "error": {**error, "message": renamed}}
+
+
+def addresses_list(addresses: Any) -> list[str]:
+    """One ``"host:port"`` or a sequence of them; raises ValueError naming what is
+    wrong (the daemon checks the host and port)."""
+    expected = 'addresses must be a "host:port" string or a sequence of them'
+    if isinstance(addresses, str):
+        addresses = [addresses]
+    elif isinstance(addresses, bytes | bytearray):
+        raise ValueError(f"{expected}, got {_type_name(addresses)} (decode it first)")
+    elif isinstance(addresses, Mapping) or not isinstance(addresses, Iterable):
+        raise ValueError(f"{expected}, got {_type_name(addresses)}")
+    out = list(addresses)
+    if not out:
+        raise ValueError(f"{expected}, got none")
+    for i, address in enumerate(out):
+        if not isinstance(address, str) or not address:
+            got = "an empty string" if address == "" else _type_name(address)
+            raise ValueError(f'addresses[{i}] must be a "host:port" string, got {got}')
+    return out
+
+
+# -- replies ------------------------------------------------------------------------
 
 
 def check_reply(reply: Reply, rid: RequestId) -> dict[str, Any]:
@@ -134,8 +342,3 @@ def result_str(result: Mapping[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise ControlError(BAD_REPLY, f"daemon reply has no {key!r} string")
     return value
-
-
-def addresses_list(addresses: str | Sequence[str]) -> list[str]:
-    """One ``"host:port"`` or several."""
-    return [addresses] if isinstance(addresses, str) else list(addresses)

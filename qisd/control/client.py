@@ -13,8 +13,12 @@
 One connection is opened on the first call and reused (calls from several threads
 take turns); each :meth:`Client.watch` gets a connection of its own. Errors: a
 :class:`ControlError` (with ``.code``) for an error reply, :class:`DaemonNotRunning`
-when nothing answers on the socket, ``TimeoutError`` when the daemon does not reply
-within ``timeout`` seconds. :class:`AsyncClient` is the same API for trio.
+when nothing answers on the socket, :class:`~qisd.control.ControlSocketError` when
+the path cannot be a control socket (too long, a file, a directory),
+``TimeoutError`` when the daemon does not reply within ``timeout`` seconds, and
+``ValueError`` naming the argument (``outcome.age``, ``vector[2]``) for arguments
+JSON cannot carry, before anything is sent. Numpy arrays and scalars are taken as
+the Python values they hold. :class:`AsyncClient` is the same API for trio.
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ from qisd.control.calls import (
     as_vector,
     check_reply,
     connect_error,
-    emit_item,
     emit_params,
+    json_value,
+    merge_results,
     resolve_socket_path,
     result_list,
     result_str,
+    split_items,
 )
 from qisd.control.errors import ControlError, DaemonNotRunning
 from qisd.control.framing import LineSplitter, Overflow
@@ -153,6 +159,9 @@ class Client:
                 if exc.code == BAD_REPLY:
                     self._drop()
                 raise
+            except (BrokenPipeError, ConnectionResetError):  # "[Errno 32] Broken pipe"
+                self._drop()
+                raise _closed(self.socket_path) from None
             except OSError:
                 self._drop()
                 raise
@@ -187,24 +196,32 @@ class Client:
 
     def emit_many(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Emit several packets in one request; one result per item, in order:
-        ``{"id": hex, ...}`` or ``{"error": {"code", "message"}}``."""
-        result = self.call("emit_many", {"items": [emit_item(i) for i in items]})
-        return result_list(result, "results")
+        ``{"id": hex, ...}`` or ``{"error": {"code", "message"}}``. An item that
+        cannot be sent (say a NaN in its outcome) gets its own ``bad_request``
+        result naming ``items[i]``; the others are still sent."""
+        send, slots = split_items(items)
+        if not send:
+            return merge_results(slots, [])
+        result = self.call("emit_many", {"items": send})
+        return merge_results(slots, result_list(result, "results"))
 
     def query(self, *, topic: str, vector: Any, k: int = 10) -> dict[str, Any]:
         """``{"matches": [{"id", "similarity", "outcome", "n", "origin", "kind"}, ...],
         "answer": {...}}``: the ``k`` most similar packets and the answer they give."""
-        return self.call("query", {"topic": topic, "vector": as_vector(vector), "k": k})
+        return self.call("query", {"topic": json_value(topic, "topic"),
+                                   "vector": as_vector(vector), "k": json_value(k, "k")})
 
     def packets(self, *, topic: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Packets held by this node (summaries), newest first."""
-        params: dict[str, Any] = {"limit": limit}
+        params: dict[str, Any] = {"limit": json_value(limit, "limit")}
         if topic is not None:
-            params["topic"] = topic
+            params["topic"] = json_value(topic, "topic")
         return result_list(self.call("packets", params), "packets")
 
     def bootstrap(self, addresses: str | Sequence[str]) -> dict[str, Any]:
-        """Join the swarm through ``"host:port"`` peers: ``{"contacted", "peers"}``."""
+        """Join the swarm through ``"host:port"`` peers: ``{"contacted", "peers"}``,
+        and ``"failed": [{"address", "reason"}, ...]`` from daemons that say why.
+        ``contacted`` 0 means no peer answered: the node is still alone."""
         return self.call("bootstrap", {"addresses": addresses_list(addresses)})
 
     def watch(self, *, topic: str, vector: Any = None) -> Watch:
@@ -215,7 +232,7 @@ class Client:
                 for event in events:
                     print(event["id"], event["outcome"])
         """
-        params: dict[str, Any] = {"topic": topic}
+        params: dict[str, Any] = {"topic": json_value(topic, "topic")}
         if vector is not None:
             params["vector"] = as_vector(vector)
         return Watch(self.socket_path, params, timeout=self.timeout)

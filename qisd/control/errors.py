@@ -29,7 +29,7 @@ class ControlError(Exception):
 
 
 class ControlSocketError(OSError):
-    """The control socket cannot be bound at its path (not a socket, path too long,
+    """The control socket cannot be bound or connected to at its path (not a socket, path too long,
     no permission...). The message names the path."""
 
 

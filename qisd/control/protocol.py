@@ -14,8 +14,9 @@ Replies come in request order, so a client may pipeline several requests on one
 connection. Blank lines are ignored. Error codes:
 
 ===================== ==========================================================
-``bad_request``       not JSON, not an object, a missing/unknown/ill-typed field or
-                      param (the message names it)
+``bad_request``       not JSON (a key named twice in one object included), not an
+                      object, a missing/unknown/ill-typed field or param (the
+                      message names it)
 ``unknown_method``    no such method
 ``unsupported_version`` ``v`` is not 1
 ``too_large``         the request line is longer than the server's limit (1 MiB by
@@ -39,14 +40,20 @@ Methods and params (types are JSON types; ``?`` marks optional, with its default
   ``n?`` integer (1), ``ttl?`` integer or null (the swarm's default) -> ``{"id": hex, ...}``
 * ``emit_many`` -- ``items``: array of emit params -> ``{"results": [{"id": hex} |
   {"error": {...}}, ...]}``, one per item, in order
-* ``query`` -- ``topic``, ``vector``, ``k?`` (10) -> ``{"matches": [...], "answer": {...}}``
+* ``query`` -- ``topic``, ``vector``, ``k?`` (10) -> ``{"matches": [...], "answer": {...},
+  "notes": [...]}``; only packets of the query's dimension are compared, and a note
+  says how many of the topic's packets of other dimensions were left out
 * ``packets`` -- ``topic?`` string or null, ``limit?`` (100) -> ``{"packets": [...]}``
-* ``bootstrap`` -- ``addresses``: array of ``"host:port"`` -> ``{"contacted", "peers"}``
+* ``bootstrap`` -- ``addresses``: array of ``"host:port"`` -> ``{"contacted", "peers",
+  "failed": [{"address", "reason"}, ...]}`` (the addresses that did not answer, and why)
 * ``watch`` -- ``topic``, ``vector?`` (null): streaming. The reply is an ack
   ``{"v": 1, "id": 3, "ok": true, "result": {"watching": "<topic>"}}`` followed by one
   line per packet, ``{"v": 1, "id": 3, "event": {...packet summary...}}``, until the
-  client closes the connection. A watching connection takes no further requests; if
-  the stream fails, a final error reply with the watch's id ends it.
+  client closes the connection. An event carries ``"missed": N`` when the client was
+  too slow to take N packets since its previous event (its buffer was full). A
+  watching connection takes no further requests; if the stream fails, a final error
+  reply with the watch's id ends it. A watch refused before its ack leaves the
+  connection open for requests.
 
 Try it by hand (the socket is ``/run/qisd/qisd.sock`` under systemd; ``qisd status``
 names the one in use in its error when no daemon runs there)::
@@ -282,8 +289,21 @@ def _finite_float(text: str) -> float:
 def loads(line: bytes | str) -> Any:
     """Strict JSON: raises ValueError for anything else, including ``NaN``,
     ``Infinity`` and numbers beyond float range, which would reach the daemon as
-    non-finite floats."""
-    return json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
+    non-finite floats, and an object naming a key twice (JSON parsers disagree on
+    which one wins; here neither is silently dropped)."""
+    return json.loads(
+        line, parse_constant=_reject_constant, parse_float=_finite_float,
+        object_pairs_hook=_unique_keys,
+    )
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
 
 
 _REQUEST_FIELDS = frozenset({"v", "id", "method", "params"})

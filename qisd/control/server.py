@@ -11,6 +11,9 @@ What keeps one client from hurting the others:
 * at most ``max_connections`` at once; the next one gets ``unavailable`` and is closed;
 * the peer's uid/gid (``SO_PEERCRED``) must be root, ours, or in our group.
 
+On shutdown a :class:`~qisd.control.drain.Drain` stops it taking work while the
+requests in flight finish and are answered.
+
 The socket path is claimed by :mod:`qisd.control.bind` (a live socket is refused, a
 dead one replaced).
 """
@@ -29,6 +32,7 @@ import trio
 from qisd.control import peer
 from qisd.control.api import ControlAPI, JSONDict, WatchStream
 from qisd.control.bind import MAX_SOCKET_PATH_BYTES, bind_unix_socket, remove_if_ours
+from qisd.control.drain import Drain, Slot
 from qisd.control.errors import ControlError, ControlSocketError, ControlSocketInUse
 from qisd.control.framing import LineSplitter, Overflow
 from qisd.control.protocol import (
@@ -56,6 +60,7 @@ __all__ = [
     "MAX_SOCKET_PATH_BYTES",
     "ControlSocketError",
     "ControlSocketInUse",
+    "Drain",
     "serve_control",
 ]
 
@@ -77,6 +82,7 @@ async def serve_control(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     stats: ControlStats | None = None,
+    drain: Drain | None = None,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``api`` on a Unix socket at ``path`` until cancelled.
@@ -84,7 +90,8 @@ async def serve_control(
     Calls ``task_status.started(path)`` once the socket is listening with ``mode``;
     removes the socket file on exit (if it is still ours). Raises
     :class:`ControlSocketInUse` if a live daemon owns ``path`` and
-    :class:`ControlSocketError` if the path cannot be used.
+    :class:`ControlSocketError` if the path cannot be used. Returns once ``drain``
+    has begun and every connection has closed.
     """
     path = Path(path)
     sock = await bind_unix_socket(path, mode)
@@ -92,14 +99,18 @@ async def serve_control(
     server = _Server(
         api, stats if stats is not None else ControlStats(),
         max_request_bytes=max_request_bytes, max_connections=max_connections,
-        write_timeout=write_timeout,
+        write_timeout=write_timeout, drain=drain or Drain(),
     )
-    try:
-        async with trio.SocketListener(sock) as listener, trio.open_nursery() as nursery:
-            task_status.started(path)
-            await server.accept_forever(listener, nursery)
-    finally:
-        remove_if_ours(path, st)
+    async with trio.open_nursery() as nursery:
+        try:
+            async with trio.SocketListener(sock) as listener:
+                task_status.started(path)
+                with server.drain.accepting:
+                    await server.accept_forever(listener, nursery)
+        finally:
+            # Closed and gone as soon as a drain begins: a new client is told the
+            # daemon is not running rather than left waiting.
+            remove_if_ours(path, st)
 
 
 @asynccontextmanager
@@ -138,6 +149,18 @@ class _Connection:
             return True
         return False
 
+    async def close_gently(self, linger: float = 1.0) -> None:
+        """End our side, then read (and drop) what the client still sends, for at
+        most ``linger`` seconds: closing with its request unread would reset the
+        connection, and the client might never read the reply it was sent."""
+        with trio.move_on_after(linger):
+            try:
+                await self.stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            while await self.receive():
+                pass
+
     async def receive(self) -> bytes:
         """Some bytes, or b"" at end of stream (or if the peer reset it)."""
         try:
@@ -155,8 +178,10 @@ class _Server:
         max_request_bytes: int,
         max_connections: int,
         write_timeout: float,
+        drain: Drain,
     ) -> None:
         self.api = api
+        self.drain = drain
         self.stats = stats
         self.max_request_bytes = max_request_bytes
         self.max_connections = max_connections
@@ -189,13 +214,15 @@ class _Server:
                 None, UNAVAILABLE,
                 f"too many control connections (at most {self.max_connections}); retry later",
             ))
+            await conn.close_gently()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         conn = _Connection(stream, self.write_timeout)
         try:
             async with stream:
-                if await self._authorize(conn):
-                    await self._serve(conn)
+                with self.drain.connection() as slot, slot.scope:
+                    if await self._authorize(conn):
+                        await self._serve(conn, slot)
         finally:
             self.stats.connections_open -= 1
 
@@ -219,9 +246,10 @@ class _Server:
         await conn.send(encode_error(
             None, FORBIDDEN, f"this control socket is for {allowed}; {why}"
         ))
+        await conn.close_gently()
         return False
 
-    async def _serve(self, conn: _Connection) -> None:
+    async def _serve(self, conn: _Connection, slot: Slot) -> None:
         splitter = LineSplitter(self.max_request_bytes)
         while True:
             item = splitter.next()
@@ -240,10 +268,18 @@ class _Server:
                 if isinstance(decision, Rejection):
                     reply = self._rejected(decision)
                 elif decision.method in STREAMING_METHODS:
-                    await self._watch(conn, decision, splitter)
-                    return
+                    if await self._watch(conn, decision, splitter):
+                        return
+                    continue  # refused before it began: the connection goes on
                 else:
-                    reply = await self._dispatch(decision)
+                    # In flight until answered: a drain lets it finish, then closes.
+                    with self.drain.request(slot):
+                        sent = await conn.send(await self._dispatch(decision))
+                    if sent and self.drain.started:
+                        await conn.close_gently(0.5)
+                    if not sent or self.drain.started:
+                        return
+                    continue
             if not await conn.send(reply):
                 return
 
@@ -303,17 +339,30 @@ class _Server:
                 count = len(got) if isinstance(got, list) else "no"
                 raise TypeError(f"emit_many returned {count} results for {len(good)} items")
             for slot, result in zip(slots, got, strict=True):
+                error = result.get("error") if isinstance(result, dict) else None
+                if isinstance(error, dict) and isinstance(error.get("message"), str):
+                    # Named by its place in the request, like the items refused above.
+                    error = {**error, "message": f"items[{slot}]: {error['message']}"}
+                    result = {**result, "error": error}
                 results[slot] = result
         return {**reply, "results": results}
 
     # -- watch: the connection becomes a stream of events ----------------------------
 
-    async def _watch(self, conn: _Connection, req: Request, splitter: LineSplitter) -> None:
+    async def _watch(self, conn: _Connection, req: Request, splitter: LineSplitter) -> bool:
+        """Run a watch on this connection; False if it was refused before its ack
+        (the connection then takes requests again), True once it ran and ended."""
+        began = trio.Event()
+        ran: list[bool] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_input, conn, splitter, nursery.cancel_scope)
-            nursery.start_soon(self._watch_output, conn, req, nursery.cancel_scope)
+            nursery.start_soon(self._watch_input, conn, splitter, nursery.cancel_scope, began)
+            nursery.start_soon(self._watch_output, conn, req, nursery.cancel_scope, began, ran)
+        return bool(ran)
 
-    async def _watch_output(self, conn: _Connection, req: Request, done: trio.CancelScope) -> None:
+    async def _watch_output(
+        self, conn: _Connection, req: Request, done: trio.CancelScope, began: trio.Event,
+        ran: list[bool],
+    ) -> None:
         """Ack, then one line per event, until the stream ends, fails, or the client
         stops reading. The watch stream lives entirely in this task, so its own
         cancel scopes (an async generator's nursery) nest properly."""
@@ -322,6 +371,8 @@ class _Server:
         try:
             async with _entered(self.api.watch(**req.params)) as events:
                 acked = await conn.send(encode_result(req.id, {"watching": req.params["topic"]}))
+                ran.append(True)  # acked, or the client is gone: either way it is over
+                began.set()
                 if acked:
                     self.stats.record(req.method, "ok")
                     async for event in events:
@@ -335,14 +386,18 @@ class _Server:
         if failure is not None:
             if not acked:
                 self.stats.record(req.method, failure.code)
-            await conn.send(encode_error(req.id, failure.code, failure.message))
+            if not await conn.send(encode_error(req.id, failure.code, failure.message)):
+                ran.append(True)  # the client is gone
         done.cancel()
 
     async def _watch_input(
-        self, conn: _Connection, splitter: LineSplitter, done: trio.CancelScope
+        self, conn: _Connection, splitter: LineSplitter, done: trio.CancelScope,
+        began: trio.Event,
     ) -> None:
-        """Read until the client closes (that ends the watch); answer any further
-        request with an error instead of dropping it."""
+        """Once the watch is acknowledged (replies stay in request order), read until
+        the client closes (that ends the watch); answer any further request with an
+        error instead of dropping it."""
+        await began.wait()
         while True:
             item = splitter.next()
             if item is None:

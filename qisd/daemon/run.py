@@ -21,7 +21,7 @@ import trio
 
 from qisd import __version__
 from qisd.config import Config
-from qisd.control.server import serve_control
+from qisd.control.server import Drain, serve_control
 from qisd.control.stats import ControlStats
 from qisd.daemon.errors import StartupError
 from qisd.daemon.lock import StateDirLock
@@ -130,13 +130,14 @@ async def _serve(
         service.control_stats = ControlStats()
         socket_path = config.resolved_socket()
         control_scope = trio.CancelScope()
+        drain = Drain()
 
         async def control(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             with control_scope:
                 await serve_control(
                     socket_path, service, mode=config.control.mode,
                     max_request_bytes=config.control.max_request_bytes,
-                    stats=service.control_stats, task_status=task_status,
+                    stats=service.control_stats, drain=drain, task_status=task_status,
                 )
 
         await nursery.start(control)
@@ -161,9 +162,13 @@ async def _serve(
         await _wait_for_signal()
         notifier.stopping()
         log.info("stopping", grace_period=config.daemon.grace_period)
-        control_scope.cancel()
+        # No new requests; those in flight (an emit placing its packet) finish and
+        # are answered within the grace period, then everything is cancelled.
+        drain.begin()
         with trio.move_on_after(config.daemon.grace_period):
+            await drain.wait()
             await service.wait_idle()
+        control_scope.cancel()
         nursery.cancel_scope.cancel()
 
 

@@ -14,21 +14,21 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import trio
 
 from qisd import __version__
 from qisd.answer import answer_query, match_summary
 from qisd.config import Config, parse_hostport
 from qisd.control.errors import ControlError
-from qisd.daemon.watch import WatchHub
+from qisd.daemon.watch import Subscription, WatchHub
 from qisd.dht import DHTNode
 from qisd.fingerprint import LSH, keys_for, probe_keys
 from qisd.identity import Identity
 from qisd.manifest import Manifest, ManifestError
 from qisd.packet import OutcomePacket, PacketError, create_packet
-from qisd.sketch import FingerprintError, Sketch, normalize, quantize
+from qisd.sketch import FingerprintError, Sketch, cosine, normalize, quantize
 from qisd.store import PacketStore, StoreError
+from qisd.synthesis.encoding import carry_problem
 from qisd.synthesis.worker import WorkerState
 
 #: Items per bulk emit request; the CLI sends batches of this size.
@@ -108,6 +108,7 @@ class NodeService:
             "emitted": self.emitted,
             "queries": self.queries,
             "synthesised": self.synthesised,
+            "watch_missed": self.watches.dropped,
             "storage": self.storage(),
         }
 
@@ -135,14 +136,28 @@ class NodeService:
         }
 
     async def bootstrap(self, addresses: list[str]) -> dict[str, Any]:
+        if not addresses:
+            raise ControlError("invalid", "addresses: name at least one host:port")
         try:
             addrs = [parse_hostport(a) for a in addresses]
         except ValueError as exc:
             raise ControlError("invalid", f"addresses: {exc}") from None
-        found = await self.node.bootstrap(addrs)
+        for text, (_, port) in zip(addresses, addrs, strict=True):
+            if port == 0:
+                raise ControlError("invalid", f"addresses: {text}: port 0 is no peer's port")
+        found, failed = await self.node.join(addrs)
         if found:
             self.last_bootstrap = time.time()
-        return {"contacted": len(found), "peers": len(self.node.table)}
+        return {
+            "contacted": len(found),
+            "peers": len(self.node.table),
+            # Each address that did not answer, and why (extends the reply; scripts
+            # reading contacted/peers are unaffected).
+            "failed": [
+                {"address": _hostport(host, port), "reason": why}
+                for (host, port), why in failed.items()
+            ],
+        }
 
     # -- emit ----------------------------------------------------------------------
 
@@ -153,6 +168,10 @@ class NodeService:
             raise ControlError("invalid", "topic: must be a string")
         if not isinstance(outcome, Mapping):
             raise ControlError("invalid", "outcome: must be a map of name -> value")
+        for name, value in outcome.items():
+            problem = isinstance(name, str) and carry_problem(name, value)
+            if problem:
+                raise ControlError("invalid", f"outcome.{name}: {problem}")
         if type(n) is not int:
             raise ControlError("invalid", "n: must be an integer")
         ttl_s = self.manifest.ttl_default_s if ttl is None else ttl
@@ -263,11 +282,21 @@ class NodeService:
             raise ControlError("invalid", str(exc)) from None
         found = await self.node.find_packets(keys, sketch, k)
         self.queries += 1
-        matches = [(s, p) for s, p in found if p.topic == topic][: max(k, 1) * 2]
-        top = matches[:k]
+        of_topic = [(s, p) for s, p in found if p.topic == topic]
+        # A topic may carry vectors of several dimensions; only the query's compare.
+        same = [(s, p) for s, p in of_topic if p.sketch.dim == sketch.dim]
+        matches = same[: k * 2]
+        notes: list[str] = []
+        if len(same) < len(of_topic):
+            dims = sorted({p.sketch.dim for _, p in of_topic} - {sketch.dim})
+            notes.append(
+                f"left out {len(of_topic) - len(same)} packets of topic {topic!r} with "
+                f"{', '.join(map(str, dims))} dimensions; the query has {sketch.dim}"
+            )
         return {
-            "matches": [match_summary(s, p) for s, p in top],
+            "matches": [match_summary(s, p) for s, p in matches[:k]],
             "answer": answer_query(matches, k=k),
+            "notes": notes,
         }
 
     # -- packets and watch ---------------------------------------------------------
@@ -291,9 +320,9 @@ class NodeService:
             query = quantize(normalize(vector)) if vector is not None else None
         except (FingerprintError, ManifestError) as exc:
             raise ControlError("invalid", str(exc)) from None
-        async with self.watches.subscribe(topic) as receive, trio.open_nursery() as nursery:
+        async with self.watches.subscribe(topic) as sub, trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_listening, keys)
-            yield _events(receive, query)
+            yield _events(sub, query)
             nursery.cancel_scope.cancel()
 
     def _watch_keys(self, topic: str, vector: Sequence[float] | None) -> list[bytes]:
@@ -342,18 +371,19 @@ class NodeService:
                     self.node.unlisten(key)
 
 
-async def _events(
-    receive: trio.MemoryReceiveChannel[OutcomePacket], query: Sketch | None
-) -> AsyncIterator[dict[str, Any]]:
-    async for packet in receive:
-        yield _watch_event(packet, query)
+async def _events(sub: Subscription, query: Sketch | None) -> AsyncIterator[dict[str, Any]]:
+    async for packet in sub.receive:
+        yield _watch_event(packet, query, sub.take_missed())
 
 
-def _watch_event(packet: OutcomePacket, query: Sketch | None) -> dict[str, Any]:
+def _watch_event(packet: OutcomePacket, query: Sketch | None, missed: int) -> dict[str, Any]:
     event = packet.to_summary()
     if query is not None:
-        sim = float(np.dot(query.to_array(), packet.sketch.to_array()))
-        event["similarity"] = round(sim, 6)
+        # 0.0 for a packet of another dimension (a topic may carry several).
+        event["similarity"] = round(cosine(query, packet.sketch), 6)
+    if missed:
+        # Packets of the topic this watcher was too slow to take, since its last event.
+        event["missed"] = missed
     return event
 
 

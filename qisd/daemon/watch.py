@@ -4,7 +4,9 @@ watching it.
 The daemon feeds :meth:`WatchHub.publish` with every packet it emits, stores as a
 responsible node, or receives through a DHT listen registration; each subscriber gets
 each packet once (deduplicated by id, bounded). A slow watcher's buffer fills and it
-misses packets (counted) rather than slowing the node down.
+misses packets rather than slowing the node down; what it missed is counted, in
+total and per watcher, and the watcher is told with its next event
+(:meth:`Subscription.take_missed`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,21 @@ class _Subscriber:
     send: trio.MemorySendChannel[OutcomePacket]
     seen: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     dropped: int = 0
+    #: Of ``dropped``, how many the watcher has been told of.
+    reported: int = 0
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One watcher's packets, and how many it missed since it was last told."""
+
+    receive: trio.MemoryReceiveChannel[OutcomePacket]
+    _sub: _Subscriber
+
+    def take_missed(self) -> int:
+        missed = self._sub.dropped - self._sub.reported
+        self._sub.reported = self._sub.dropped
+        return missed
 
 
 class WatchHub:
@@ -60,15 +77,13 @@ class WatchHub:
                 self._subs.discard(sub)
 
     @asynccontextmanager
-    async def subscribe(
-        self, topic: str
-    ) -> AsyncIterator[trio.MemoryReceiveChannel[OutcomePacket]]:
+    async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
         send, receive = trio.open_memory_channel[OutcomePacket](self._buffer)
         sub = _Subscriber(topic, send)
         self._subs.add(sub)
         try:
             async with receive:
-                yield receive
+                yield Subscription(receive, sub)
         finally:
             self._subs.discard(sub)
             send.close()

@@ -142,11 +142,21 @@ class DHTNode:
         await self.lookup_nodes(self.me.id)
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
-        """Start ``fn(*args)`` in the node's nursery; False if the node is not running."""
+        """Start ``fn(*args)`` in the node's nursery; False if the node is not running.
+
+        A background task that fails is logged and counted, never allowed to take
+        the node (and the daemon around it) down."""
         if self._nursery is None:
             return False
-        self._nursery.start_soon(fn, *args)
+        self._nursery.start_soon(self._guarded, fn, *args)
         return True
+
+    async def _guarded(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        try:
+            await fn(*args)
+        except Exception:
+            self.counters.task_errors += 1
+            log.exception("dht background task failed", task=getattr(fn, "__qualname__", fn))
 
     async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run store/verification work off the trio thread, a few at a time."""
@@ -296,25 +306,45 @@ class DHTNode:
 
     async def bootstrap(self, addrs: Iterable[tuple[str, int]]) -> list[Node]:
         """Join through known addresses (IPs or host names); the nodes closest to us."""
-        resolved = [await self._resolve(host, port) for host, port in addrs]
-        async with trio.open_nursery() as nursery:
-            for addr in resolved:
-                if addr is not None:
-                    nursery.start_soon(self.ping, addr)
-        nodes, _ = await self.lookup_nodes(self.me.id)
+        nodes, _ = await self.join(addrs)
         return nodes
 
-    async def _resolve(self, host: str, port: int) -> Address | None:
+    async def join(
+        self, addrs: Iterable[tuple[str, int]]
+    ) -> tuple[list[Node], dict[tuple[str, int], str]]:
+        """:meth:`bootstrap`, also saying why each address that failed did."""
+        failed: dict[tuple[str, int], str] = {}
+
+        async def contact(host: str, port: int) -> None:
+            addr = await self._resolve(host, port)
+            if isinstance(addr, str):
+                failed[host, port] = addr
+            elif await self.ping(addr) is None:
+                failed[host, port] = "no answer"
+
+        async with trio.open_nursery() as nursery:
+            for host, port in addrs:
+                nursery.start_soon(contact, host, port)
+        nodes, _ = await self.lookup_nodes(self.me.id)
+        return nodes, failed
+
+    async def _resolve(self, host: str, port: int) -> Address | str:
+        """The address to send to, or why there is none."""
+        mine = "IPv6" if self._v6 else "IPv4"
         try:
-            return normalize_ip(host), port
+            ip = normalize_ip(host)
         except ValueError:
             pass
+        else:
+            if not self.reachable(ip):
+                return f"not an {mine} address (this node listens on {mine})"
+            return ip, port
         family = trio.socket.AF_INET6 if self._v6 else trio.socket.AF_INET
         try:
             infos = await trio.socket.getaddrinfo(host, port, family=family)
         except OSError as exc:
             log.warning("bootstrap address does not resolve", host=host, port=port, error=str(exc))
-            return None
+            return f"does not resolve to an {mine} address ({exc.strerror or exc})"
         sockaddr = infos[0][4]
         return str(sockaddr[0]), int(sockaddr[1])
 

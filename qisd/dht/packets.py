@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from qisd.dht.node import DHTNode
 
 T = TypeVar("T")
+EXPIRED = "rejected:expired"
 #: A busy peer is asked this many times, after BUSY_BACKOFF, 2x, 4x... seconds.
 BUSY_RETRIES = 3
 BUSY_BACKOFF = 0.05
@@ -138,7 +139,9 @@ class PacketOps(Inbound):
             if answer is None:
                 return None
             statuses, closer = answer
-            if all(s in OK_STATUSES for s in statuses):
+            # A packet that expired on the way holds no one back: the peer still
+            # took the rest (a batch re-placed near its expiry, a peer's clock ahead).
+            if all(s in OK_STATUSES or s == EXPIRED for s in statuses):
                 stored_at.add(peer.id)
                 return Reply(closer)
             refusals.extend(s for s in statuses if s not in OK_STATUSES)

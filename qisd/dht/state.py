@@ -88,7 +88,10 @@ async def save(node: DHTNode) -> None:
     def write() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # a crash after the rename finds the whole table
         os.replace(tmp, path)
 
     try:

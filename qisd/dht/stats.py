@@ -106,6 +106,9 @@ class DHTStatistics:
     #: interval (paper 2.5).
     republished: int = 0
     republish_skipped: int = 0
+    #: Background tasks (pings, caching stores, verification) that failed: a bug
+    #: or an odd peer, logged and survived.
+    task_errors: int = 0
     packets_rejected: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     #: Closed swarms: peers refused entry to the routing table, by reason
     #: (``not_member``, ``id_mismatch``, ``bad_proof``, ``no_answer``).
@@ -135,6 +138,7 @@ class Counters:
         self.handoffs = 0
         self.republished = 0
         self.republish_skipped = 0
+        self.task_errors = 0
         self.packets_accepted = 0
         self.packets_rejected: Counter[str] = Counter()
         self.peers_refused: Counter[str] = Counter()
@@ -198,6 +202,7 @@ class Counters:
             handoffs=self.handoffs,
             republished=self.republished,
             republish_skipped=self.republish_skipped,
+            task_errors=self.task_errors,
             packets_accepted=self.packets_accepted,
             packets_rejected=MappingProxyType(dict(self.packets_rejected)),
             peers_refused=MappingProxyType(dict(self.peers_refused)),

@@ -236,8 +236,11 @@ async def get_value(node: DHTNode, key: Any) -> StockValue | None:
         return None
     holder, value = found[0]
     # Paper 2.3: cache the value at the closest node seen that lacked it.
+    cache = [node.me.id, dkey, value]
+    if len(pack(["store", cache])) > MAX_PAYLOAD:
+        return value  # fits a reply, not a request with it: not cached
     for peer in st.closest():
         if peer.id != holder.id:
-            node.spawn(node.call, peer, "store", [node.me.id, dkey, value])
+            node.spawn(node.call, peer, "store", cache)
             break
     return value

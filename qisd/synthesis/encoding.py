@@ -93,6 +93,23 @@ def category_key(name: str, value: Category) -> str:
     return f"{name}={value}"
 
 
+def carry_problem(name: str, value: OutcomeValue) -> str | None:
+    """Why a synthesis could not carry outcome field ``name`` (with values like
+    ``value``), or None if it can. The daemon refuses such names at emit: a field
+    no synthesis carries would be missing from answers that count its cases through
+    a synthesis."""
+    if any(c in name for c in SEPARATORS):
+        return "a field name may not contain '=', '?' or '~' (synthesis packets use them)"
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    suffix = ".mean" if numeric else "~"
+    if len(name) + len(suffix) > MAX_OUTCOME_KEY_CHARS:
+        longest = MAX_OUTCOME_KEY_CHARS - len(suffix)
+        kind = "a numeric" if numeric else "a category"
+        return (f"{kind} field name may have at most {longest} characters "
+                f"(synthesis packets add {suffix!r})")
+    return None
+
+
 def _usable_key(key: str) -> bool:
     return len(key) <= MAX_OUTCOME_KEY_CHARS and key.isprintable()
 

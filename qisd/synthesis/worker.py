@@ -197,12 +197,12 @@ def _handle(
     if state.seen(packet.id):
         state.duplicates += int(delivered)
         return False
-    if not is_primary(packet):
-        state.skipped_not_primary += 1
-        return False
     try:
+        if not is_primary(packet):
+            state.skipped_not_primary += 1
+            return False
         synthesizer.consume(packet)
-    except Exception:  # third-party plug-in code: log, count, carry on
+    except Exception:  # third-party plug-in code (or a packet it cannot take): log, count
         state.synthesizer_errors += 1
         log.exception("synthesizer consume failed", packet=packet.id.hex())
         return False

@@ -51,6 +51,21 @@ async def test_ping_find_set_get_and_statistics(tmp_path: Path) -> None:
                 await a.node.set("k", [1, 2])  # type: ignore[arg-type]
 
 
+async def test_a_failing_background_task_is_counted_not_fatal(tmp_path: Path) -> None:
+    """E.g. caching a found value that fits a reply but not a store request."""
+
+    async def boom() -> None:
+        raise ValueError("an odd peer's value")
+
+    with trio.fail_after(10):
+        async with member(Identity.generate(), tmp_path / "a") as a, member(
+            Identity.generate(), tmp_path / "b"
+        ) as b:
+            assert a.node.spawn(boom)
+            await eventually(lambda: a.node.statistics().task_errors == 1)
+            assert await b.node.ping(a.node.address) is not None  # still serving
+
+
 async def test_single_node_stores_and_answers_its_own_queries(tmp_path: Path) -> None:
     rng = random.Random(1)
     ident = Identity.generate()

@@ -154,3 +154,20 @@ async def test_the_origin_republishes_what_it_put_before_a_restart(tmp_path: Pat
                 await a.node.bootstrap([b.node.address])
                 await republish_own(a.node)
                 assert holds(b, key, packet.id) and holds(c, key, packet.id)
+
+
+async def test_a_packet_expiring_on_the_way_does_not_cost_a_replica(tmp_path: Path) -> None:
+    """A batch re-placed near its expiry: a peer refusing the expired packet still
+    took the rest, and counts as holding them."""
+    rng = random.Random(6)
+    manifest = Manifest(replicas=2)
+    with trio.fail_after(30):
+        async with three(tmp_path, manifest) as (a, b, c):
+            key = key_in_order([a, b, c], [1, 2, 0], rng)
+            good = make_packet(a.identity, rng, manifest=manifest)
+            dying = make_packet(a.identity, rng, manifest=manifest, ttl_s=1)
+            await trio.sleep(1.1)  # it expires before it arrives
+            placed = await a.node.packets.place(key, [good, dying])
+            assert placed.stored == 2 and not placed.local
+            assert placed.refusals == ()
+            assert holds(b, key, good.id) and holds(c, key, good.id)

@@ -1,0 +1,119 @@
+"""What the client commands write, and how their failures read.
+
+* stdout: :func:`echo` / :func:`echo_json`. A reader that stops reading
+  (``qisd watch --json | head -1``) ends the output quietly, as it does for
+  well-behaved Unix tools: no traceback, no error line; the echo returns False so a
+  streaming command can stop, and the exit status is the command's own.
+* failures: :func:`failure` turns an exception from the client into a
+  :class:`Failure` (a code, a message, an exit status), and :func:`report` prints
+  one: one ``error:`` line on stderr and, with ``--json``, also
+  ``{"error": {"code", "message"}}`` on stdout, so a script reading stdout sees it.
+
+Codes are the daemon's (``invalid``, ``storage_full``...) or, for failures on this
+side of the socket, :data:`LOCAL_CODES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import typer
+
+from qisd.control.errors import ControlError, ControlSocketError, DaemonNotRunning
+
+__all__ = ["LOCAL_CODES", "Failure", "echo", "echo_json", "failure", "report", "warn"]
+
+#: Error codes of failures the daemon did not report itself.
+LOCAL_CODES = {
+    "not_running": "no daemon answers on the control socket",
+    "bad_socket": "the control socket path cannot be used (empty, too long, not a socket)",
+    "permission_denied": "this user may not use the control socket",
+    "timeout": "the daemon did not reply in time",
+    "connection_lost": "the daemon closed the connection",
+    "os_error": "another error of the operating system",
+    "read_error": "the input file could not be read",
+    "unreachable": "bootstrap: no peer answered",
+    "watch_ended": "the daemon ended the watch",
+    "usage": "bad arguments",
+}
+
+
+def _silence_stdout() -> None:
+    """Point the stdout fd at /dev/null, so the interpreter's last flush of what is
+    still buffered does not fail again at exit."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def echo(text: str, *, nl: bool = True) -> bool:
+    """Print ``text`` on stdout; False once the reader has closed it."""
+    try:
+        typer.echo(text, nl=nl)
+    except BrokenPipeError:
+        _silence_stdout()
+        return False
+    return True
+
+
+def echo_json(value: Any) -> bool:
+    """One JSON value on one line of stdout (JSON lines); False once the reader
+    has closed stdout."""
+    return echo(json.dumps(value, ensure_ascii=False))
+
+
+def warn(text: str, *, nl: bool = True) -> None:
+    """A line on stderr (lost, quietly, if nobody reads stderr any more)."""
+    with contextlib.suppress(BrokenPipeError):
+        typer.echo(text, err=True, nl=nl)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a command stopped: ``code`` and ``message`` as in an error reply, the
+    exit status, and the stderr text (which shows the daemon's code)."""
+
+    code: str
+    message: str
+    exit_code: int = 1
+    show_code: bool = False
+
+    @property
+    def text(self) -> str:
+        return f"{self.code}: {self.message}" if self.show_code else self.message
+
+    def as_json(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+def failure(exc: BaseException) -> Failure:
+    """The failure an exception raised while talking to the daemon stands for."""
+    if isinstance(exc, ControlError):
+        return Failure(exc.code, exc.message, 1, show_code=True)
+    if isinstance(exc, DaemonNotRunning):
+        return Failure("not_running", str(exc), 2)
+    if isinstance(exc, ControlSocketError):
+        return Failure("bad_socket", str(exc), 2)
+    if isinstance(exc, PermissionError):
+        return Failure("permission_denied", exc.strerror or str(exc), 2)
+    if isinstance(exc, TimeoutError):
+        return Failure("timeout", str(exc), 1)
+    if isinstance(exc, ConnectionError):
+        return Failure("connection_lost", str(exc), 1)
+    if isinstance(exc, OSError):
+        return Failure("os_error", exc.strerror or str(exc), 1)
+    return Failure("os_error", str(exc), 1)
+
+
+def report(fail: Failure, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    """Print ``fail``: the ``error:`` line on stderr and, with ``as_json``, the JSON
+    object ``{**extra, "error": {...}}`` on stdout."""
+    if as_json:
+        echo_json({**(extra or {}), "error": fail.as_json()})
+    warn(f"error: {fail.text}")
