@@ -46,7 +46,6 @@ from qisd.storage import (
     write_error,
 )
 from qisd.store_own import OWN_SCHEMA, StoreOwn
-from qisd.store_reads import StoreReads
 
 __all__ = ["PacketStore", "PutResult", "StoreError", "StoreStats"]
 
@@ -112,7 +111,7 @@ class StoreStats:
     keys: int
 
 
-class PacketStore(StoreReads, StoreOwn):
+class PacketStore(StoreOwn):
     """Packets by key in SQLite. Open with :meth:`open`; close with :meth:`close`."""
 
     def __init__(

@@ -18,8 +18,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 
-from qisd.packet import OutcomePacket
-from qisd.store_reads import trusted_packet
+from qisd.packet import OutcomePacket, packet_id
+from qisd.store_reads import StoreReads
 
 KEY_BYTES = 20
 
@@ -33,14 +33,18 @@ CREATE TABLE IF NOT EXISTS own (
     data BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS own_by_created ON own(created_ms);
+CREATE INDEX IF NOT EXISTS own_by_series ON own(series);
+CREATE INDEX IF NOT EXISTS own_by_expiry ON own(expires_ms);
 """
 
 
-class StoreOwn:
+class StoreOwn(StoreReads):
     """The ``own`` table: packets this node emitted and the keys it placed them under."""
 
     _conn: sqlite3.Connection
     _lock: threading.Lock
+    #: Rows in the table, once counted (None: count again).
+    _own_rows: int | None = None
 
     def _writing(self) -> AbstractContextManager[sqlite3.Connection]:
         raise NotImplementedError  # provided by the store
@@ -56,35 +60,42 @@ class StoreOwn:
         if not keys or any(len(k) != KEY_BYTES for k in keys):
             raise ValueError(f"keys: each must be {KEY_BYTES} bytes, at least one")
         with self._lock, self._writing() as conn:
-            dropped: list[bytes] = []
-            if packet.series:
-                rows = conn.execute(
-                    "SELECT id, created_ms FROM own WHERE series=? AND id<>?",
-                    (packet.series, packet.id),
-                ).fetchall()
-                if any(created >= packet.created_ms for _, created in rows):
-                    return [packet.id]  # a newer one of its series is kept already
-                dropped += [pid for pid, _ in rows]
-                conn.executemany("DELETE FROM own WHERE id=?", [(pid,) for pid in dropped])
-            conn.execute(
-                "INSERT OR REPLACE INTO own VALUES (?,?,?,?,?,?)",
-                (
-                    packet.id,
-                    packet.series,
-                    packet.created_ms,
-                    packet.expires_ms,
-                    b"".join(keys),
-                    packet.encoded,
-                ),
-            )
-            (count,) = conn.execute("SELECT COUNT(*) FROM own").fetchone()
-            if count > limit:
-                oldest = conn.execute(
-                    "SELECT id FROM own ORDER BY created_ms, id LIMIT ?", (count - limit,)
-                ).fetchall()
-                dropped += [r[0] for r in oldest]
-                conn.executemany("DELETE FROM own WHERE id=?", oldest)
-            return dropped
+            try:
+                return self._remember(conn, packet, keys, limit)
+            except BaseException:
+                self._own_rows = None  # rolled back: count again
+                raise
+
+    def _remember(
+        self, conn: sqlite3.Connection, packet: OutcomePacket, keys: Sequence[bytes], limit: int
+    ) -> list[bytes]:
+        dropped: list[bytes] = []
+        if self._own_rows is None:
+            self._own_rows = int(conn.execute("SELECT COUNT(*) FROM own").fetchone()[0])
+        if packet.series:
+            rows = conn.execute(
+                "SELECT id, created_ms FROM own WHERE series=? AND id<>?",
+                (packet.series, packet.id),
+            ).fetchall()
+            if any(created >= packet.created_ms for _, created in rows):
+                return [packet.id]  # a newer one of its series is kept already
+            dropped += [pid for pid, _ in rows]
+            conn.executemany("DELETE FROM own WHERE id=?", [(pid,) for pid in dropped])
+            self._own_rows -= len(dropped)
+        added = conn.execute(
+            "INSERT OR IGNORE INTO own VALUES (?,?,?,?,?,?)",
+            (packet.id, packet.series, packet.created_ms, packet.expires_ms,
+             b"".join(keys), packet.encoded),
+        ).rowcount
+        self._own_rows += added
+        if self._own_rows > limit:
+            oldest = conn.execute(
+                "SELECT id FROM own ORDER BY created_ms, id LIMIT ?", (self._own_rows - limit,)
+            ).fetchall()
+            dropped += [r[0] for r in oldest]
+            conn.executemany("DELETE FROM own WHERE id=?", oldest)
+            self._own_rows -= len(oldest)
+        return dropped
 
     def own_packets(self, now_ms: int) -> list[tuple[OutcomePacket, tuple[bytes, ...]]]:
         """The live packets kept for republish, oldest created first, with their keys."""
@@ -97,9 +108,15 @@ class StoreOwn:
             except sqlite3.OperationalError:
                 # A store from before this table, opened read-only: nothing kept yet.
                 return []
-        return [(trusted_packet(data), tuple(_split(keys))) for keys, data in rows]
+        packets = {p.id: p for p in self._decoded(data for _, data in rows)}
+        return [
+            (packets[pid], tuple(_split(keys)))
+            for keys, data in rows
+            if (pid := packet_id(data)) in packets
+        ]
 
     def _expire_own(self, conn: sqlite3.Connection, now_ms: int) -> int:
+        self._own_rows = None
         return conn.execute("DELETE FROM own WHERE expires_ms <= ?", (now_ms,)).rowcount
 
 

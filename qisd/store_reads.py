@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from qisd.logs import get_logger
 from qisd.packet import OutcomePacket, PacketError, decode_packet
 from qisd.sketch import Sketch, cosine_rows
-from qisd.storage import StoreError
+
+log = get_logger(__name__)
 
 
 class StoreReads:
     """Queries over the ``packets`` and ``entries`` tables (mixed into the store)."""
+
+    #: Rows skipped because they no longer decode (see :meth:`_decoded`).
+    undecodable: int = 0
 
     _conn: sqlite3.Connection
     _lock: threading.Lock
@@ -60,7 +65,7 @@ class StoreReads:
                 " WHERE e.key = ? AND e.id > ? AND p.expires_ms > ? ORDER BY e.id LIMIT ?",
                 (key, after or b"", now_ms, limit),
             ).fetchall()
-        return [trusted_packet(r[0]) for r in rows]
+        return self._decoded(r[0] for r in rows)
 
     def key_items(self, key: bytes, now_ms: int) -> list[OutcomePacket]:
         out: list[OutcomePacket] = []
@@ -121,8 +126,7 @@ class StoreReads:
                 ).fetchall()
             if not rows:
                 return
-            for row in rows:
-                yield trusted_packet(row[1])
+            yield from self._decoded(row[1] for row in rows)
             after = rows[-1][0]
 
     def recent(self, *, topic: str | None, limit: int, now_ms: int) -> list[OutcomePacket]:
@@ -135,7 +139,7 @@ class StoreReads:
         sql += " ORDER BY created_ms DESC, id LIMIT ?"
         with self._lock:
             rows = self._conn.execute(sql, (*args, limit)).fetchall()
-        return [trusted_packet(r[0]) for r in rows]
+        return self._decoded(r[0] for r in rows)
 
     def _load(self, ids: Sequence[bytes]) -> dict[bytes, OutcomePacket]:
         if not ids:
@@ -146,12 +150,20 @@ class StoreReads:
                 f"SELECT id, data FROM packets WHERE id IN ({marks})",
                 tuple(ids),
             ).fetchall()
-        return {r[0]: trusted_packet(r[1]) for r in rows}
+        return {p.id: p for p in self._decoded(r[1] for r in rows)}
 
-
-def trusted_packet(data: bytes) -> OutcomePacket:
-    # Everything in the store was verified before it was written.
-    try:
-        return decode_packet(data, verify=False)
-    except PacketError as exc:
-        raise StoreError(f"packet store holds an undecodable packet ({exc})") from None
+    def _decoded(self, blobs: Iterable[bytes]) -> list[OutcomePacket]:
+        """The packets stored as ``blobs``, leaving out (and counting) any that no
+        longer decode: everything was verified before it was written, but a row
+        written by an older qisd with laxer rules (e.g. before outcome numbers were
+        bounded) fails today's checks. Reads go on without it; it expires in time."""
+        out: list[OutcomePacket] = []
+        for data in blobs:
+            try:
+                out.append(decode_packet(data, verify=False))
+            except PacketError as exc:
+                self.undecodable += 1
+                if self.undecodable == 1:
+                    log.warning("packet store holds packets that no longer decode; "
+                                "skipping them", error=str(exc))
+        return out

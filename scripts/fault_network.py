@@ -63,7 +63,7 @@ class NetworkParams:
     k: int = 10
     partition: float = 60.0
     split_packets: int = 50
-    rpc_timeout: float = 0.5
+    rpc_timeout: float = 1.0
     refresh: float = 40.0
     republish: float = 40.0
     failure_backoff: float = 5.0

@@ -9,11 +9,14 @@ import json
 import os
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from test_control import TIMEOUT, FakeAPI, req, short_dir
 
+from qisd.control import server as server_module
 from qisd.control.server import Drain, serve_control
 
 
@@ -88,3 +91,34 @@ async def test_a_drain_answers_requests_in_flight_and_closes_the_rest() -> None:
             assert [name for name, _ in api.calls].count("status") == 0
             for stream in (busy, idle, watching):
                 await stream.aclose()
+
+
+async def test_a_request_read_as_the_drain_begins_is_refused_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM lands after a request's bytes were read but before it was parsed: it
+    is not run, and the client is told so (it is not run and left unanswered)."""
+    api = FakeAPI()
+    drain = Drain()
+    receive = server_module._Connection.receive
+
+    async def receive_then_stop(self: Any) -> bytes:
+        data = await receive(self)
+        if data:
+            drain.begin()
+        return data
+
+    monkeypatch.setattr(server_module._Connection, "receive", receive_then_stop)
+    with short_dir() as tmp, trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            path: Path = await nursery.start(
+                partial(serve_control, tmp / "c.sock", api, drain=drain)
+            )
+            stream = await trio.open_unix_socket(os.fspath(path))
+            await stream.send_all(req(1, "emit", topic="t", vector=[1.0, 0.0, 0.0],
+                                      outcome={"y": 1}))
+            reply = json.loads(await read_line(stream))
+            assert reply["id"] == 1 and reply["error"]["code"] == "unavailable"
+            assert "stopping" in reply["error"]["message"]
+            assert api.calls == []
+            await stream.aclose()

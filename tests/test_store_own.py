@@ -4,6 +4,7 @@ restarts (real SQLite files)."""
 from __future__ import annotations
 
 import sqlite3
+import struct
 from pathlib import Path
 
 import nacl.signing
@@ -82,4 +83,24 @@ def test_a_store_from_before_the_own_table_opens_and_gains_it(tmp_path: Path) ->
     store = PacketStore.open(path)
     store.remember_own(packet(1), [KEY_A], limit=10)
     assert len(store.own_packets(NOW)) == 1
+    store.close()
+
+
+def test_rows_that_no_longer_decode_are_skipped_and_counted(tmp_path: Path) -> None:
+    """A row written under laxer rules (here: a float beyond today's bound) does not
+    break the reads of its key; it is left out and counted."""
+    path = tmp_path / "p.db"
+    store = PacketStore.open(path)
+    good, old = packet(1), packet(2)
+    store.put_many([(KEY_A, good), (KEY_A, old)], now_ms=NOW)
+    store.remember_own(old, [KEY_A], limit=10)
+    raw = old.encoded.replace(b"\xa1y\x02", b"\xa1y\xcb" + struct.pack(">d", 1e300))
+    assert raw != old.encoded
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE packets SET data=? WHERE id=?", (raw, old.id))
+        conn.execute("UPDATE own SET data=? WHERE id=?", (raw, old.id))
+    assert [p.id for p in store.key_items(KEY_A, NOW)] == [good.id]
+    assert [p.id for p in store.recent(topic=None, limit=10, now_ms=NOW)] == [good.id]
+    assert store.own_packets(NOW) == []
+    assert store.undecodable == 3
     store.close()

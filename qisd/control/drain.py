@@ -59,6 +59,10 @@ class Drain:
             slot.busy = False
             self._check()
 
+    def begun(self) -> bool:
+        """Whether the drain began (a method: it changes across awaits)."""
+        return self.started
+
     def begin(self) -> None:
         self.started = True
         self.accepting.cancel()

@@ -11,7 +11,10 @@ Newline-delimited JSON over a Unix stream socket. Each request is one line::
     {"v": 1, "id": 7, "ok": false, "error": {"code": "bad_request", "message": "..."}}
 
 Replies come in request order, so a client may pipeline several requests on one
-connection. Blank lines are ignored. Error codes:
+connection. Blank lines are ignored. When the daemon stops (SIGTERM) it closes idle
+connections and watches at once; a request being handled finishes and is answered,
+then its connection closes (requests pipelined behind it are not run); a request
+read as the stop began is answered ``unavailable``. Error codes:
 
 ===================== ==========================================================
 ``bad_request``       not JSON (a key named twice in one object included), not an
@@ -22,7 +25,8 @@ connection. Blank lines are ignored. Error codes:
 ``too_large``         the request line is longer than the server's limit (1 MiB by
                       default); the rest of that line is skipped
 ``invalid``           the daemon refused the content (a bad vector, outcome, topic)
-``unavailable``       the daemon cannot do it now (too many connections)
+``unavailable``       the daemon cannot do it now (too many connections, or it is
+                      stopping: the request was not run)
 ``storage_full``      the packet store's disk is full: nothing was stored; reads
                       and queries still work, writes resume once space is freed
 ``storage_read_only`` the packet store's directory is read-only (same behaviour)
@@ -37,7 +41,11 @@ Methods and params (types are JSON types; ``?`` marks optional, with its default
 
 * ``status`` / ``peers`` / ``identity`` -- no params
 * ``emit`` -- ``topic`` string, ``vector`` array of numbers, ``outcome`` object,
-  ``n?`` integer (1), ``ttl?`` integer or null (the swarm's default) -> ``{"id": hex, ...}``
+  ``n?`` integer (1), ``ttl?`` integer or null (the swarm's default) -> ``{"id": hex, ...}``.
+  Outcome values are strings, booleans, or numbers within +-2**63; a field name has
+  no ``=``, ``?`` or ``~`` and at most 27 characters for numbers, 31 otherwise
+  (synthesis packets carry each field under a derived name: ``los_days.mean``,
+  ``survived?true``)
 * ``emit_many`` -- ``items``: array of emit params -> ``{"results": [{"id": hex} |
   {"error": {...}}, ...]}``, one per item, in order
 * ``query`` -- ``topic``, ``vector``, ``k?`` (10) -> ``{"matches": [...], "answer": {...},

@@ -69,6 +69,8 @@ log = get_logger(__name__)
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_WRITE_TIMEOUT = 10.0
 _READ_CHUNK = 64 * 1024
+#: Refused connections read out before closing (so the client gets its reply) at once.
+_MAX_LINGERING = 16
 # Resource exhaustion on accept: wait a little and retry rather than die.
 _ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
@@ -186,6 +188,7 @@ class _Server:
         self.max_request_bytes = max_request_bytes
         self.max_connections = max_connections
         self.write_timeout = write_timeout
+        self._lingering = 0
         self.uid = os.geteuid()
         self.gid = os.getegid()
 
@@ -214,7 +217,12 @@ class _Server:
                 None, UNAVAILABLE,
                 f"too many control connections (at most {self.max_connections}); retry later",
             ))
-            await conn.close_gently()
+            if self._lingering < _MAX_LINGERING:  # a flood is closed at once
+                self._lingering += 1
+                try:
+                    await conn.close_gently(0.2)
+                finally:
+                    self._lingering -= 1
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         conn = _Connection(stream, self.write_timeout)
@@ -267,6 +275,10 @@ class _Server:
                 decision = parse_request(item)
                 if isinstance(decision, Rejection):
                     reply = self._rejected(decision)
+                elif self.drain.begun():
+                    # Read just as the drain began: not started, so say so.
+                    await self._stopping(conn, decision)
+                    return
                 elif decision.method in STREAMING_METHODS:
                     if await self._watch(conn, decision, splitter):
                         return
@@ -275,13 +287,20 @@ class _Server:
                     # In flight until answered: a drain lets it finish, then closes.
                     with self.drain.request(slot):
                         sent = await conn.send(await self._dispatch(decision))
-                    if sent and self.drain.started:
+                    if sent and self.drain.begun():
                         await conn.close_gently(0.5)
-                    if not sent or self.drain.started:
+                    if not sent or self.drain.begun():
                         return
                     continue
             if not await conn.send(reply):
                 return
+
+    async def _stopping(self, conn: _Connection, req: Request) -> None:
+        self.stats.record(req.method, UNAVAILABLE)
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            await conn.send(encode_error(
+                req.id, UNAVAILABLE, "the daemon is stopping; the request was not run"
+            ))
 
     def _too_large(self) -> bytes:
         self.stats.record("-", TOO_LARGE)

@@ -119,6 +119,8 @@ class NodeService:
             "path": str(self.store.path) if self.store.path else ":memory:",
             "state": "ok" if failure is None else failure.code,
             "error": None if failure is None else str(failure),
+            # Stored rows that no longer decode (an older qisd's laxer rules): skipped.
+            "undecodable": self.store.undecodable,
         }
 
     async def peers(self) -> dict[str, Any]:

@@ -32,8 +32,8 @@ class OwnPackets:
         self.node = node
         self.limit = limit
         self.items: OrderedDict[bytes, tuple[OutcomePacket, Keys]] = OrderedDict()
-        #: Writes of the list the store refused (the packet is kept in memory only).
-        self.unsaved = 0
+        #: Series -> the id of its newest packet held in ``items``.
+        self._series: dict[bytes, bytes] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -49,53 +49,48 @@ class OwnPackets:
             log.warning("cannot read own packets for republish", error=str(exc))
             return
         for packet, keys in kept[-self.limit :]:
-            self.items[packet.id] = (packet, keys)
+            self._add(packet, keys)
 
     async def remember(self, packet: OutcomePacket, keys: Sequence[bytes]) -> None:
-        entry = (packet, tuple(keys))
-        if self._superseded(packet):
+        if not self._add(packet, tuple(keys)):
             return
-        self.items[packet.id] = entry
-        self.items.move_to_end(packet.id)
-        while len(self.items) > self.limit:
-            self.items.popitem(last=False)
         store = self.node.store
         if store is None:
             return
         try:
-            await self.node.in_thread(store.remember_own, packet, entry[1], limit=self.limit)
+            await self.node.in_thread(store.remember_own, packet, tuple(keys), limit=self.limit)
         except StoreError as exc:
-            self.unsaved += 1
-            log.warning(
-                "own packet kept in memory only",
-                packet=packet.id.hex(),
-                code=exc.code,
-                error=str(exc),
-            )
+            log.warning("own packet kept for republish in memory only",
+                        packet=packet.id.hex(), code=exc.code, error=str(exc))
 
     def live(self, now_ms: int) -> dict[bytes, list[OutcomePacket]]:
         """The live packets by key (expired ones are forgotten here)."""
         for pid, (packet, _) in list(self.items.items()):
             if packet.expires_ms <= now_ms:
-                del self.items[pid]
+                self._drop(pid)
         by_key: dict[bytes, list[OutcomePacket]] = {}
         for packet, keys in self.items.values():
             for key in keys:
                 by_key.setdefault(key, []).append(packet)
         return by_key
 
-    def _superseded(self, packet: OutcomePacket) -> bool:
-        """Drop the older packets of ``packet``'s series (a newer packet of a series
-        supersedes the older in every store); True if a newer one is held."""
-        if not packet.series:
-            return False
-        same = [
-            (pid, held)
-            for pid, (held, _) in self.items.items()
-            if held.series == packet.series and pid != packet.id
-        ]
-        if any(held.created_ms >= packet.created_ms for _, held in same):
-            return True
-        for pid, _ in same:
-            del self.items[pid]
-        return False
+    def _add(self, packet: OutcomePacket, keys: Keys) -> bool:
+        """Hold ``packet``; False if a newer packet of its series is held (a newer
+        packet of a series supersedes the older in every store)."""
+        if packet.series:
+            held = self._series.get(packet.series)
+            if held is not None and held != packet.id:
+                if self.items[held][0].created_ms >= packet.created_ms:
+                    return False
+                self._drop(held)
+            self._series[packet.series] = packet.id
+        self.items[packet.id] = (packet, keys)
+        self.items.move_to_end(packet.id)
+        while len(self.items) > self.limit:
+            self._drop(next(iter(self.items)))
+        return True
+
+    def _drop(self, pid: bytes) -> None:
+        packet, _ = self.items.pop(pid)
+        if packet.series and self._series.get(packet.series) == pid:
+            del self._series[packet.series]

@@ -108,11 +108,15 @@ class PacketOps(Inbound):
         check_admissible(packet, node.manifest, now_ms=node.wall_ms())
         if keys is None:
             keys = keys_for(node.manifest, packet.topic, packet.sketch.to_array())
+        if not keys:
+            raise PacketError("keys", "at least one key")
         for key in keys:
             if not isinstance(key, bytes) or len(key) != ID_BYTES:
                 raise PacketError("keys", f"each key must be {ID_BYTES} bytes")
         placements = await self.each_key(keys, lambda key: self.place(key, [packet]))
-        await self.own.remember(packet, keys)
+        if any(p.stored for p in placements):
+            # Republished as its origin; a packet no one took (the emit fails) is not.
+            await self.own.remember(packet, keys)
         return PutReport(packet.id, tuple(placements))
 
     async def place(self, key: bytes, packets: Sequence[OutcomePacket]) -> KeyPlacement:
@@ -141,7 +145,8 @@ class PacketOps(Inbound):
             statuses, closer = answer
             # A packet that expired on the way holds no one back: the peer still
             # took the rest (a batch re-placed near its expiry, a peer's clock ahead).
-            if all(s in OK_STATUSES or s == EXPIRED for s in statuses):
+            taken = [s for s in statuses if s != EXPIRED]
+            if taken and all(s in OK_STATUSES for s in taken):
                 stored_at.add(peer.id)
                 return Reply(closer)
             refusals.extend(s for s in statuses if s not in OK_STATUSES)

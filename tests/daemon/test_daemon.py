@@ -55,7 +55,7 @@ def test_three_daemons_emit_query_watch_restart(workdir: Path, daemons: list[Dae
         pid = emit(a, "icu", VEC_A, survived=True, los_days=4.5)
         result = cli_json("query", "--topic", "icu", "--vector", json.dumps(VEC_A), "-k", "5",
                           socket_path=c.socket)
-        assert set(result) == {"matches", "answer"}
+        assert set(result) == {"matches", "answer", "notes"} and result["notes"] == []
         ids = [m["id"] for m in result["matches"]]
         assert pid in ids
         match = result["matches"][ids.index(pid)]
