@@ -63,6 +63,7 @@ from qisd.dht.hello import (
     prove,
 )
 from qisd.dht.wire import ID_BYTES, Address, WireError, bad, check_arity, id20
+from qisd.identity import node_id_for
 from qisd.logs import get_logger
 from qisd.manifest import Manifest
 
@@ -141,6 +142,8 @@ class Admission:
         check_closed_manifest(node.manifest)
         self.node = node
         self.required = node.manifest.membership == "closed"
+        #: Closed swarms: the node ids of the members (SHA-1 of their keys).
+        self._member_ids = frozenset(node_id_for(k) for k in node.manifest.members)
         self.proven_ttl = PROVEN_TTL
         self.reprove_before = REPROVE_BEFORE
         self.retry_after = node.config.failure_backoff
@@ -157,6 +160,12 @@ class Admission:
         self._waiting: Counter[tuple[bytes, Address]] = Counter()
 
     # -- decisions ----------------------------------------------------------------
+
+    def may_name(self, node_id: bytes) -> bool:
+        """May a contact with ``node_id``, named in a peer's reply, be asked at all?
+        In a closed swarm only members' ids: a lookup never wanders off to nodes
+        that could not prove their way in (and whose answers could steer it)."""
+        return not self.required or node_id in self._member_ids
 
     def admitted(self, contact: Node) -> bool:
         """May ``contact`` (id at ip:port) enter the table and be answered?"""

@@ -257,8 +257,12 @@ class DHTNode:
         except WireError:
             self.counters.dropped["bad_reply"] += 1
             return None
-        me = self.me.id
-        return [Node(i, ip, port) for i, ip, port in triples if i != me and self.reachable(ip)]
+        me, may_name = self.me.id, self.admission.may_name
+        nodes = [Node(i, ip, port) for i, ip, port in triples if i != me and self.reachable(ip)]
+        named = [n for n in nodes if may_name(n.id)]
+        if len(named) < len(nodes):
+            self.counters.dropped["not_member_contact"] += len(nodes) - len(named)
+        return named
 
     async def ping(self, addr: Address) -> Node | None:
         """Ping an address; the node there, or None if it did not answer properly."""

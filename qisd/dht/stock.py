@@ -76,8 +76,12 @@ def parse_contacts(node: DHTNode, rpc: str, value: Any) -> list[Node] | None:
         node.counters.dropped["bad_reply"] += 1
         return None
     me, v6 = node.me.id, ":" in node.me.ip
-    get = NODES.get
-    return [get(i, ip, port) for i, ip, port in triples if i != me and (":" in ip) == v6]
+    get, may_name = NODES.get, node.admission.may_name
+    return [
+        get(i, ip, port)
+        for i, ip, port in triples
+        if i != me and (":" in ip) == v6 and may_name(i)
+    ]
 
 
 # -- set ---------------------------------------------------------------------------

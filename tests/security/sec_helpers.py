@@ -121,6 +121,10 @@ class RawPeer:
         self.prover = prover
         self.address: tuple[str, int] = sock.getsockname()[:2]
         self.requests: list[tuple[str, list[Any]]] = []
+        #: Every request heard, ``hello`` included.
+        self.heard = 0
+        #: Canned results for other methods (by name).
+        self.replies: dict[str, Any] = {}
         self.hello_delay = 0.0
         self._pending: dict[bytes, tuple[trio.Event, list[Any]]] = {}
 
@@ -136,6 +140,7 @@ class RawPeer:
                     waiting[0].set()
                 continue
             name, args = obj
+            self.heard += 1
             if name == "hello":
                 if self.prover is not None:
                     answer = self.prover(args[0], args[1])
@@ -148,6 +153,8 @@ class RawPeer:
                 await self._reply(msgid, ["accepted"] * len(args[2]), addr)
             elif name == "ping":
                 await self._reply(msgid, self.id, addr)
+            elif name in self.replies:
+                await self._reply(msgid, self.replies[name], addr)
 
     async def _reply(self, msgid: bytes, result: Any, addr: Any) -> None:
         await self.sock.sendto(b"\x01" + msgid + msgpack.packb(result, use_bin_type=True), addr)

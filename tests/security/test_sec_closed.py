@@ -16,6 +16,7 @@ from sec_helpers import (
     KEY,
     closed_manifest,
     eventually,
+    honest_prover,
     member_peer,
     now_ms,
     packet,
@@ -187,3 +188,23 @@ async def test_open_swarm_requires_no_hello(tmp_path: Path) -> None:
         # A node answers hello when asked (it costs one signature).
         ok, proof = await stranger.call(a.address, "hello", [stranger.id, bytes(32)])
         assert ok and proof[0] == ids[0].public_key
+
+
+async def test_lookups_ask_only_members_named_in_replies(tmp_path: Path) -> None:
+    """A member's find_node answer naming a non-member: the lookup does not ask it
+    (nor challenge it), so no outsider can steer a closed swarm's lookups."""
+    members = [Identity.generate() for _ in range(2)]
+    outsider = Identity.generate()
+    manifest = closed_manifest(members)
+    async with (
+        running_node(members[0], manifest, tmp_path / "a", config=CONFIG) as a,
+        member_peer(members[1], manifest) as m,
+        raw_peer(outsider.node_id, honest_prover(outsider, manifest)) as o,
+    ):
+        m.replies["find_node"] = [[o.id, o.address[0], o.address[1]], [m.id, *m.address]]
+        assert await a.bootstrap([m.address]) != []
+        assert table_ids(a) == {m.id}
+        await a.lookup_nodes(os.urandom(20))
+        assert any(name == "find_node" for name, _ in m.requests)
+        assert o.heard == 0
+        assert a.statistics().dropped["not_member_contact"] >= 1
