@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -279,7 +280,10 @@ def test_watch_prints_events_until_the_stream_ends() -> None:
 
 
 def test_watch_exits_0_on_ctrl_c(api: FakeAPI) -> None:
-    code = ("import sys, typer; from qisd.cli.client_cmd import register;"
+    # SIGUSR1 dumps the watch's stacks (faulthandler): if it ever hangs, the failure
+    # says where.
+    code = ("import faulthandler, signal, sys, typer; faulthandler.register(signal.SIGUSR1);"
+            " from qisd.cli.client_cmd import register;"
             " app = typer.Typer(); register(app); app(sys.argv[1:])")
     with serving(api) as (path, _), Client(path, timeout=TIMEOUT) as client:
         proc = subprocess.Popen(
@@ -292,7 +296,15 @@ def test_watch_exits_0_on_ctrl_c(api: FakeAPI) -> None:
             pid = client.emit(topic="w", vector=[1, 2, 3], outcome={"a": 1})
             assert pid in _readline(proc.stdout)
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(TIMEOUT) == 0
+            try:
+                status = proc.wait(3 * TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGUSR1)
+                time.sleep(1)
+                proc.kill()
+                assert proc.stderr is not None
+                pytest.fail(f"watch did not exit on SIGINT; its stacks:\n{proc.stderr.read()}")
+            assert status == 0
             assert proc.stderr is not None and proc.stderr.read() == ""
         finally:
             proc.kill()
