@@ -281,8 +281,11 @@ def test_watch_prints_events_until_the_stream_ends() -> None:
 
 def test_watch_exits_0_on_ctrl_c(api: FakeAPI) -> None:
     # SIGUSR1 dumps the watch's stacks (faulthandler): if it ever hangs, the failure
-    # says where.
+    # says where. SIGINT is set to raise KeyboardInterrupt as in a terminal: run in
+    # the background of a non-interactive shell (as CI may), the test inherits it
+    # ignored, and so would the watch.
     code = ("import faulthandler, signal, sys, typer; faulthandler.register(signal.SIGUSR1);"
+            " signal.signal(signal.SIGINT, signal.default_int_handler);"
             " from qisd.cli.client_cmd import register;"
             " app = typer.Typer(); register(app); app(sys.argv[1:])")
     with serving(api) as (path, _), Client(path, timeout=TIMEOUT) as client:
