@@ -56,6 +56,7 @@ from faultlib import (
     put_all,
     replication,
     secs,
+    short_entries,
     table,
     wait_until,
 )
@@ -160,6 +161,7 @@ async def run_churn(p: ChurnParams, root: Path) -> ChurnResult:
         # the entries some running node still holds (an entry whose every holder
         # stopped can come back only from its origin or the restart; counted above).
         surviving = set().union(*now_held.values())
+        origin = {pk.id: i for i, pk in batch}
         original = [e for e in expected if e in surviving]
         settled = trio.Event()
         poll = max(2.0, p.republish / 6)
@@ -170,6 +172,9 @@ async def run_churn(p: ChurnParams, root: Path) -> ChurnResult:
                 r = replication(original, held, ids, manifest.replicas)
                 log(f"  running nodes: {r.full}/{r.entries} entries with >= "
                     f"{manifest.replicas} copies (min {r.min_copies}, lost {r.lost})")
+                if 0 < r.entries - r.full <= 3:
+                    for line in short_entries(original, held, ids, manifest.replicas, origin):
+                        log("    short: " + line)
                 if r.full == r.entries:
                     result.rereplicate_seconds = trio.current_time() - t_stop
                     settled.set()
@@ -203,6 +208,10 @@ async def run_churn(p: ChurnParams, root: Path) -> ChurnResult:
             await settled.wait()
         watch_scope.cancel()
         log(f"re-replicated on the running nodes: {result.rereplicate_seconds}")
+        if result.rereplicate_seconds is None:
+            held = await held_entries(swarm, live)
+            for line in short_entries(original, held, ids, manifest.replicas, origin):
+                log("  short: " + line)
 
         # -- restart them ------------------------------------------------------------
         for i in result.stopped:

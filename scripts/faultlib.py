@@ -444,6 +444,35 @@ def replication(
     )
 
 
+def short_entries(
+    expected: Iterable[Entry],
+    held: dict[int, set[Entry]],
+    node_ids: dict[int, bytes],
+    replicas: int,
+    origin: dict[bytes, int],
+    limit: int = 5,
+) -> list[str]:
+    """Where the copies of the entries short of ``replicas`` copies sit: each holder's
+    rank by distance to the key among the nodes in ``held`` (0 = closest), and
+    whether the packet's origin is among them (a diagnosis for a failed run)."""
+    out = []
+    for key, pid in expected:
+        holders = [i for i, entries in held.items() if (key, pid) in entries]
+        if len(holders) >= replicas:
+            continue
+        target = Node(key)
+        order = sorted(held, key=lambda i: Node(node_ids[i]).distance_to(target))
+        ranks = sorted(order.index(i) for i in holders)
+        o = origin.get(pid)
+        near = [node_ids[i].hex()[:6] + ("*" if i in holders else "") for i in order[:8]]
+        out.append(f"key {key.hex()[:8]} packet {pid.hex()[:8]}: {len(holders)} copies at "
+                   f"ranks {ranks}; origin node {o} {'running' if o in held else 'down'}; "
+                   f"nearest (* holds it) {near}")
+        if len(out) >= limit:
+            break
+    return out
+
+
 async def is_found(
     node: DHTNode, manifest: Manifest, packet: OutcomePacket, *, probe: bool = False, m: int = 5
 ) -> bool:
