@@ -251,17 +251,22 @@ class DHTNode:
                 self.table.contact_failed(peer)
         return ok, result
 
-    def parse_nodes(self, rpc: str, value: Any) -> list[Node] | None:
+    def parse_nodes(
+        self, rpc: str, value: Any, make: Callable[[bytes, str, int], Node] = Node
+    ) -> list[Node] | None:
+        """The contacts of a node list in a reply, made with ``make``: not us, of our
+        address family, and (in a closed swarm) members only (the others counted as
+        ``not_member_contact``); None (counted as ``bad_reply``) if it is not one."""
         try:
             triples = contact_list(rpc, value, MAX_REPLY_NODES)
         except WireError:
             self.counters.dropped["bad_reply"] += 1
             return None
-        me, may_name = self.me.id, self.admission.may_name
-        nodes = [Node(i, ip, port) for i, ip, port in triples if i != me and self.reachable(ip)]
-        named = [n for n in nodes if may_name(n.id)]
-        if len(named) < len(nodes):
-            self.counters.dropped["not_member_contact"] += len(nodes) - len(named)
+        me, may_name, reachable = self.me.id, self.admission.may_name, self.reachable
+        usable = [(i, ip, port) for i, ip, port in triples if i != me and reachable(ip)]
+        named = [make(i, ip, port) for i, ip, port in usable if may_name(i)]
+        if len(named) < len(usable):
+            self.counters.dropped["not_member_contact"] += len(usable) - len(named)
         return named
 
     async def ping(self, addr: Address) -> Node | None:

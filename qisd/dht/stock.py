@@ -49,7 +49,6 @@ from qisd.dht.wire import (
     WireError,
     bad,
     check_arity,
-    contact_list,
     id20,
     pack,
     stock_value,
@@ -68,20 +67,8 @@ NODES = NodeCache()
 
 
 def parse_contacts(node: DHTNode, rpc: str, value: Any) -> list[Node] | None:
-    """The contacts of a node list in a reply (not us, our address family), or None
-    (counted as ``bad_reply``) if it is not one."""
-    try:
-        triples = contact_list(rpc, value, MAX_REPLY_NODES)
-    except WireError:
-        node.counters.dropped["bad_reply"] += 1
-        return None
-    me, v6 = node.me.id, ":" in node.me.ip
-    get, may_name = NODES.get, node.admission.may_name
-    return [
-        get(i, ip, port)
-        for i, ip, port in triples
-        if i != me and (":" in ip) == v6 and may_name(i)
-    ]
+    """:meth:`DHTNode.parse_nodes` with the contacts taken from the node cache."""
+    return node.parse_nodes(rpc, value, NODES.get)
 
 
 # -- set ---------------------------------------------------------------------------
