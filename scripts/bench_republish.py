@@ -46,16 +46,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from faultlib import (
     LocalSwarm,
     dht_config,
-    held_entries,
     log,
     make_packets,
     packet_keys,
     parse_params,
     print_result,
     put_all,
-    replication,
     table,
 )
+from faultmeasure import held_entries, replication
 
 from qisd.dht.recent import RecentStores
 from qisd.manifest import Manifest

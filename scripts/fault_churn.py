@@ -42,11 +42,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from faultlib import (
-    Entry,
     LocalSwarm,
-    count_found,
     dht_config,
-    held_entries,
     log,
     make_packets,
     packet_keys,
@@ -54,12 +51,10 @@ from faultlib import (
     pct,
     print_result,
     put_all,
-    replication,
     secs,
-    short_entries,
     table,
-    wait_until,
 )
+from faultmeasure import Entry, count_found, held_entries, replication, short_entries, wait_until
 
 from qisd.manifest import Manifest
 

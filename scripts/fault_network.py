@@ -38,7 +38,6 @@ from faultlib import (
     Impairment,
     LocalSwarm,
     dht_config,
-    is_found,
     log,
     make_packets,
     parse_params,
@@ -48,6 +47,7 @@ from faultlib import (
     secs,
     table,
 )
+from faultmeasure import is_found
 
 from qisd.manifest import Manifest
 from qisd.packet import OutcomePacket
