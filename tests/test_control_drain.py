@@ -16,7 +16,7 @@ import trio
 import trio.testing
 from test_control import TIMEOUT, FakeAPI, req, short_dir
 
-from qisd.control import server as server_module
+from qisd.control.connection import Connection
 from qisd.control.server import Drain, serve_control
 
 
@@ -100,7 +100,7 @@ async def test_a_request_read_as_the_drain_begins_is_refused_not_lost(
     is not run, and the client is told so (it is not run and left unanswered)."""
     api = FakeAPI()
     drain = Drain()
-    receive = server_module._Connection.receive
+    receive = Connection.receive
 
     async def receive_then_stop(self: Any) -> bytes:
         data = await receive(self)
@@ -108,7 +108,7 @@ async def test_a_request_read_as_the_drain_begins_is_refused_not_lost(
             drain.begin()
         return data
 
-    monkeypatch.setattr(server_module._Connection, "receive", receive_then_stop)
+    monkeypatch.setattr(Connection, "receive", receive_then_stop)
     with short_dir() as tmp, trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             path: Path = await nursery.start(

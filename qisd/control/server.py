@@ -22,21 +22,19 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from qisd.control import peer
-from qisd.control.api import ControlAPI, JSONDict, WatchStream
+from qisd.control.api import ControlAPI, JSONDict
 from qisd.control.bind import MAX_SOCKET_PATH_BYTES, bind_unix_socket, remove_if_ours
+from qisd.control.connection import Connection
 from qisd.control.drain import Drain, Slot
 from qisd.control.errors import ControlError, ControlSocketError, ControlSocketInUse
 from qisd.control.framing import LineSplitter, Overflow
 from qisd.control.protocol import (
-    BAD_REQUEST,
     DEFAULT_MAX_REQUEST_BYTES,
     FORBIDDEN,
     INTERNAL,
@@ -47,11 +45,11 @@ from qisd.control.protocol import (
     Request,
     check_params,
     encode_error,
-    encode_event,
     encode_result,
     parse_request,
 )
 from qisd.control.stats import ControlStats
+from qisd.control.watching import Watches
 from qisd.logs import get_logger
 
 __all__ = [
@@ -68,7 +66,6 @@ log = get_logger(__name__)
 
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_WRITE_TIMEOUT = 10.0
-_READ_CHUNK = 64 * 1024
 #: Refused connections read out before closing (so the client gets its reply) at once.
 _MAX_LINGERING = 16
 # Resource exhaustion on accept: wait a little and retry rather than die.
@@ -115,62 +112,6 @@ async def serve_control(
             remove_if_ours(path, st)
 
 
-@asynccontextmanager
-async def _entered(stream: WatchStream) -> AsyncIterator[AsyncIterator[JSONDict]]:
-    """Use either shape of watch stream; always close what was opened."""
-    if isinstance(stream, AbstractAsyncContextManager):
-        async with stream as events:
-            yield events
-        return
-    try:
-        yield stream
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-class _Connection:
-    """One client: the stream plus a lock so watch events and error replies written
-    by two tasks never interleave within a line."""
-
-    def __init__(self, stream: trio.SocketStream, write_timeout: float) -> None:
-        self.stream = stream
-        self._lock = trio.Lock()
-        self._write_timeout = write_timeout
-
-    async def send(self, data: bytes) -> bool:
-        """Write one line; False if the peer is gone or did not read in time (the
-        caller then closes the connection)."""
-        with trio.move_on_after(self._write_timeout):
-            try:
-                async with self._lock:
-                    await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return False
-            return True
-        return False
-
-    async def close_gently(self, linger: float = 1.0) -> None:
-        """End our side, then read (and drop) what the client still sends, for at
-        most ``linger`` seconds: closing with its request unread would reset the
-        connection, and the client might never read the reply it was sent."""
-        with trio.move_on_after(linger):
-            try:
-                await self.stream.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            while await self.receive():
-                pass
-
-    async def receive(self) -> bytes:
-        """Some bytes, or b"" at end of stream (or if the peer reset it)."""
-        try:
-            return await self.stream.receive_some(_READ_CHUNK)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return b""
-
-
 class _Server:
     def __init__(
         self,
@@ -189,6 +130,7 @@ class _Server:
         self.max_connections = max_connections
         self.write_timeout = write_timeout
         self._lingering = 0
+        self.watches = Watches(api, stats, self._too_large)
         self.uid = os.geteuid()
         self.gid = os.getegid()
 
@@ -211,7 +153,7 @@ class _Server:
             nursery.start_soon(self._handle, stream)
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
-        conn = _Connection(stream, min(self.write_timeout, 1.0))
+        conn = Connection(stream, min(self.write_timeout, 1.0))
         async with stream:
             await conn.send(encode_error(
                 None, UNAVAILABLE,
@@ -225,7 +167,7 @@ class _Server:
                     self._lingering -= 1
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        conn = _Connection(stream, self.write_timeout)
+        conn = Connection(stream, self.write_timeout)
         try:
             async with stream:
                 with self.drain.connection() as slot, slot.scope:
@@ -234,7 +176,7 @@ class _Server:
         finally:
             self.stats.connections_open -= 1
 
-    async def _authorize(self, conn: _Connection) -> bool:
+    async def _authorize(self, conn: Connection) -> bool:
         try:
             cred = peer.read_peer_credentials(conn.stream.socket)  # type: ignore[arg-type]
         except OSError as exc:
@@ -248,7 +190,7 @@ class _Server:
             return True
         return await self._forbid(conn, f"uid {cred.uid} (gid {cred.gid}) may not use it")
 
-    async def _forbid(self, conn: _Connection, why: str) -> bool:
+    async def _forbid(self, conn: Connection, why: str) -> bool:
         self.stats.connections_forbidden += 1
         allowed = await trio.to_thread.run_sync(peer.describe_policy, self.uid, self.gid)
         await conn.send(encode_error(
@@ -257,7 +199,7 @@ class _Server:
         await conn.close_gently()
         return False
 
-    async def _serve(self, conn: _Connection, slot: Slot) -> None:
+    async def _serve(self, conn: Connection, slot: Slot) -> None:
         splitter = LineSplitter(self.max_request_bytes)
         while True:
             item = splitter.next()
@@ -280,7 +222,7 @@ class _Server:
                     await self._stopping(conn, decision)
                     return
                 elif decision.method in STREAMING_METHODS:
-                    if await self._watch(conn, decision, splitter):
+                    if await self.watches.run(conn, decision, splitter):
                         return
                     continue  # refused before it began: the connection goes on
                 else:
@@ -295,7 +237,7 @@ class _Server:
             if not await conn.send(reply):
                 return
 
-    async def _stopping(self, conn: _Connection, req: Request) -> None:
+    async def _stopping(self, conn: Connection, req: Request) -> None:
         self.stats.record(req.method, UNAVAILABLE)
         with trio.CancelScope(shield=True), trio.move_on_after(1.0):
             await conn.send(encode_error(
@@ -365,78 +307,3 @@ class _Server:
                     result = {**result, "error": error}
                 results[slot] = result
         return {**reply, "results": results}
-
-    # -- watch: the connection becomes a stream of events ----------------------------
-
-    async def _watch(self, conn: _Connection, req: Request, splitter: LineSplitter) -> bool:
-        """Run a watch on this connection; False if it was refused before its ack
-        (the connection then takes requests again), True once it ran and ended."""
-        began = trio.Event()
-        ran: list[bool] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_input, conn, splitter, nursery.cancel_scope, began)
-            nursery.start_soon(self._watch_output, conn, req, nursery.cancel_scope, began, ran)
-        return bool(ran)
-
-    async def _watch_output(
-        self, conn: _Connection, req: Request, done: trio.CancelScope, began: trio.Event,
-        ran: list[bool],
-    ) -> None:
-        """Ack, then one line per event, until the stream ends, fails, or the client
-        stops reading. The watch stream lives entirely in this task, so its own
-        cancel scopes (an async generator's nursery) nest properly."""
-        acked = False
-        failure: ControlError | None = None
-        try:
-            async with _entered(self.api.watch(**req.params)) as events:
-                acked = await conn.send(encode_result(req.id, {"watching": req.params["topic"]}))
-                ran.append(True)  # acked, or the client is gone: either way it is over
-                began.set()
-                if acked:
-                    self.stats.record(req.method, "ok")
-                    async for event in events:
-                        if not await conn.send(encode_event(req.id, event)):
-                            break
-        except ControlError as exc:
-            failure = exc
-        except Exception as exc:
-            log.exception("control watch failed", topic=req.params["topic"])
-            failure = ControlError(INTERNAL, f"watch failed: {type(exc).__name__}: {exc}")
-        if failure is not None:
-            if not acked:
-                self.stats.record(req.method, failure.code)
-            if not await conn.send(encode_error(req.id, failure.code, failure.message)):
-                ran.append(True)  # the client is gone
-        done.cancel()
-
-    async def _watch_input(
-        self, conn: _Connection, splitter: LineSplitter, done: trio.CancelScope,
-        began: trio.Event,
-    ) -> None:
-        """Once the watch is acknowledged (replies stay in request order), read until
-        the client closes (that ends the watch); answer any further request with an
-        error instead of dropping it."""
-        await began.wait()
-        while True:
-            item = splitter.next()
-            if item is None:
-                data = await conn.receive()
-                if not data:
-                    break
-                splitter.feed(data)
-                continue
-            if item is Overflow.TOO_LONG:
-                reply = self._too_large()
-            elif not item.strip():
-                continue
-            else:
-                decision = parse_request(item)
-                rid = decision.id
-                self.stats.record(decision.method, BAD_REQUEST)
-                reply = encode_error(
-                    rid, BAD_REQUEST,
-                    "this connection is watching; send other requests on another connection",
-                )
-            if not await conn.send(reply):
-                break
-        done.cancel()

@@ -1,0 +1,49 @@
+"""One control-socket client connection: whole-line writes with a deadline, reads
+that end quietly when the peer goes, and a gentle close."""
+
+from __future__ import annotations
+
+import trio
+
+READ_CHUNK = 64 * 1024
+
+
+class Connection:
+    """One client: the stream plus a lock so watch events and error replies written
+    by two tasks never interleave within a line."""
+
+    def __init__(self, stream: trio.SocketStream, write_timeout: float) -> None:
+        self.stream = stream
+        self._lock = trio.Lock()
+        self._write_timeout = write_timeout
+
+    async def send(self, data: bytes) -> bool:
+        """Write one line; False if the peer is gone or did not read in time (the
+        caller then closes the connection)."""
+        with trio.move_on_after(self._write_timeout):
+            try:
+                async with self._lock:
+                    await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+            return True
+        return False
+
+    async def close_gently(self, linger: float = 1.0) -> None:
+        """End our side, then read (and drop) what the client still sends, for at
+        most ``linger`` seconds: closing with its request unread would reset the
+        connection, and the client might never read the reply it was sent."""
+        with trio.move_on_after(linger):
+            try:
+                await self.stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            while await self.receive():
+                pass
+
+    async def receive(self) -> bytes:
+        """Some bytes, or b"" at end of stream (or if the peer reset it)."""
+        try:
+            return await self.stream.receive_some(READ_CHUNK)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
