@@ -9,6 +9,9 @@
   the local socket errors (:class:`ControlSocketInUse`, :class:`DaemonNotRunning`)
 * ``server``       -- :func:`serve_control`: one trio task per connection, limits,
   peer credentials, dispatch to the API
+* ``connection``   -- one client connection: whole-line writes with a deadline
+* ``watching``     -- ``watch``: the connection becomes a stream of events
+* ``drain``        -- on shutdown: no new work, requests in flight finish and answer
 * ``bind``         -- claiming the socket path (refusing a live socket, replacing a
   dead one) and removing it on exit
 * ``peer``         -- who may connect (``SO_PEERCRED``: root, our uid, our group)

@@ -58,8 +58,6 @@ if TYPE_CHECKING:
     from qisd.dht.node import DHTNode
 
 STORE_VALUE = "store_value"
-#: Largest node list accepted in a reply (stock nodes may run a larger k).
-MAX_REPLY_NODES = 64
 #: Contacts a ``store_value`` request names as already heard of (by tag).
 MAX_KNOWN = 128
 #: Contacts heard of in replies, shared by the nodes of this process.

@@ -1,6 +1,6 @@
-"""Fault tests: the experiments live in ``scripts/fault_*.py`` (and ``scripts/faultlib.py``)
-so the full-size runs and these scaled-down ones execute the same code; the daemon
-helpers come from ``tests/daemon``."""
+"""Fault tests: the experiments live in ``scripts/fault_*.py`` (with
+``scripts/faultlib.py`` and ``scripts/faultmeasure.py``) so the full-size runs and these
+scaled-down ones execute the same code; the daemon helpers come from ``tests/daemon``."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -31,7 +32,7 @@ from typing import Any
 
 import pytest
 import trio
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from sec_helpers import running_node
 
@@ -242,7 +243,10 @@ LINE = st.one_of(
 )
 
 
-def run_fuzz(srv: Server, examples: int, sizes: tuple[int, int]) -> None:
+def run_fuzz(srv: Server, examples: int, sizes: tuple[int, int], run_seed: int | None = None
+             ) -> None:
+    """One hypothesis run; ``run_seed`` seeds it (the long mode's runs each get their
+    own, so ``--hypothesis-seed`` cannot make them repeat one another)."""
     @settings(
         max_examples=examples,
         deadline=None,
@@ -262,7 +266,7 @@ def run_fuzz(srv: Server, examples: int, sizes: tuple[int, int]) -> None:
         for reply in replies:
             check_reply(reply)
 
-    fuzz()
+    (fuzz if run_seed is None else seed(run_seed)(fuzz))()
 
 
 def still_serving(srv: Server) -> None:
@@ -287,8 +291,10 @@ def test_control_socket_long_fuzz(server: Server) -> None:
     # here), and the client shares this process: in one 7,000-example run that alone
     # grows RSS by a GiB. Runs of LONG_CHUNK examples free it between runs, so the
     # growth measured is the server's.
-    for _ in range(LONG_EXAMPLES // LONG_CHUNK):
-        run_fuzz(server, LONG_CHUNK, (15, 30))
+    base = random.SystemRandom().getrandbits(32)
+    print(f"\nlong fuzz: hypothesis runs seeded {base}..{base + LONG_EXAMPLES // LONG_CHUNK - 1}")
+    for i in range(LONG_EXAMPLES // LONG_CHUNK):
+        run_fuzz(server, LONG_CHUNK, (15, 30), run_seed=base + i)
     still_serving(server)
     grown = rss_bytes() - start_rss
     count = server.lines - start_lines
