@@ -37,7 +37,9 @@ PARAMS = NetworkParams(
 
 
 async def test_fault_network_loss_delay_then_partition_and_heal(tmp_path: Path) -> None:
-    with trio.fail_after(75):
+    # A safety net only: it must exceed the phases' own bounds (the heal has 25 s), or a
+    # slow query phase lets it cut the heal short (seen once in a suite run).
+    with trio.fail_after(180):
         r = await run_network(PARAMS, tmp_path)
     print(render(r))
     assert r.put_ok == PARAMS.packets
