@@ -32,7 +32,7 @@ from qisd.sketch import normalize
 Entry = tuple[bytes, bytes]  # (key, packet id)
 
 
-def _read_entries(path: Path) -> set[Entry]:
+def read_entries(path: Path) -> set[Entry]:
     conn = sqlite3.connect(str(path), timeout=30.0)
     try:
         now = int(time.time() * 1000)
@@ -50,7 +50,7 @@ async def held_entries(swarm: LocalSwarm, nodes: Iterable[int]) -> dict[int, set
     """The (key, packet id) entries each node's store holds (read in worker threads)."""
     out: dict[int, set[Entry]] = {}
     for i in nodes:
-        out[i] = await trio.to_thread.run_sync(_read_entries, swarm.store_path(i))
+        out[i] = await trio.to_thread.run_sync(read_entries, swarm.store_path(i))
     return out
 
 

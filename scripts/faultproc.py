@@ -1,7 +1,7 @@
 """Real ``qisd run`` processes and their stores, for the process-level fault experiments
 (``scripts/fault_crash.py``, ``scripts/fault_disk.py`` and their tests).
 
-- :class:`QisdProcess`: one daemon on 127.0.0.1 (port 0), started and awaited on its
+- :class:`QisdProcess`: one daemon on 127.0.0.1 (port 0 unless told), started and awaited on its
   own sd_notify ``READY=1``, stopped with SIGTERM or killed with SIGKILL.
 - :func:`check_store`: the offline checks of a store file (SQLite integrity, foreign
   keys, every packet decodes and verifies, no orphans, every acknowledged id held).
@@ -43,6 +43,7 @@ class QisdProcess:
         *,
         extra: tuple[str, ...] = (),
         metrics: bool = False,
+        listen: str = "127.0.0.1:0",
     ) -> None:
         self.root = root
         self.state_dir = root / name
@@ -51,6 +52,8 @@ class QisdProcess:
         self.notify_path = root / f"{name}.notify"
         self.extra = extra
         self.metrics = metrics
+        #: ``--listen``; a restart on the port a first start was given passes it here.
+        self.listen = listen
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -64,7 +67,7 @@ class QisdProcess:
         notify.bind(str(self.notify_path))
         cmd = [
             sys.executable, "-m", "qisd", "run", "--state-dir", str(self.state_dir),
-            "--socket", str(self.socket), "--listen", "127.0.0.1:0",
+            "--socket", str(self.socket), "--listen", self.listen,
             "--metrics", "127.0.0.1:0" if self.metrics else "off",
             *self.extra,
         ]
