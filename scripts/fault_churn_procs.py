@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import trio
@@ -97,6 +99,8 @@ class ProcChurnResult:
     outage_emit_ok: int = 0
     rereplicate_seconds: float | None = None
     rereplicated_share: float = 0.0
+    #: From the first restart until every stopped node answered ``status`` again.
+    restart_seconds: float = 0.0
     restarted_kept_store: int = 0
     restarted_store_mismatch: list[int] = field(default_factory=list)
     closest_before: float = 0.0
@@ -167,7 +171,11 @@ def write_config(root: Path, p: ProcChurnParams) -> Path:
 class ProcSwarm:
     """``qisd run`` processes on 127.0.0.1, indexed 0..n-1."""
 
+    #: Every swarm not yet killed, for a signal handler to clean up.
+    alive: ClassVar[list[ProcSwarm]] = []
+
     def __init__(self, root: Path, config: Path, nodes: int) -> None:
+        ProcSwarm.alive.append(self)
         self.nodes = [QisdProcess(root, f"n{i:02d}") for i in range(nodes)]
         self.config = config
         self.ports: dict[int, int] = {}
@@ -193,8 +201,13 @@ class ProcSwarm:
         await trio.to_thread.run_sync(node.start)
         async with AsyncClient(node.socket, timeout=CALL_TIMEOUT) as client:
             status = await client.status()
-        self.ports[i] = int(str(status["listen"]).rsplit(":", 1)[1])
-        self.node_ids[i] = bytes.fromhex(status["node_id"])
+        port = int(str(status["listen"]).rsplit(":", 1)[1])
+        node_id = bytes.fromhex(status["node_id"])
+        if (self.ports.setdefault(i, port), self.node_ids.setdefault(i, node_id)) != (
+            port, node_id
+        ):
+            raise RuntimeError(f"node {i} came back as {node_id.hex()[:8]} on port {port}, "
+                               f"not {self.node_ids[i].hex()[:8]} on {self.ports[i]}")
 
     async def start_all(self, seeds: int = 3) -> None:
         first = list(range(min(seeds, len(self.nodes))))
@@ -221,10 +234,15 @@ class ProcSwarm:
                     await trio.sleep(1.0)
 
     async def stop(self, indexes: Iterable[int]) -> list[int]:
+        """SIGTERM, and the exit codes; -9 for one killed after not exiting in 30 s."""
         codes: dict[int, int] = {}
 
         async def one(i: int) -> None:
-            codes[i] = await trio.to_thread.run_sync(self.nodes[i].stop)
+            try:
+                codes[i] = await trio.to_thread.run_sync(self.nodes[i].stop)
+            except subprocess.TimeoutExpired:
+                self.nodes[i].kill()
+                codes[i] = -9
 
         async with trio.open_nursery() as nursery:
             for i in indexes:
@@ -234,9 +252,12 @@ class ProcSwarm:
     def kill_all(self) -> None:
         for node in self.nodes:
             node.kill()
+        if self in ProcSwarm.alive:
+            ProcSwarm.alive.remove(self)
 
     async def held(self, indexes: Iterable[int]) -> dict[int, set[Entry]]:
-        """The (key, packet id) entries in each node's SQLite file (read-only)."""
+        """The (key, packet id) entries in each node's SQLite file (read beside the
+        running daemons; WAL lets them)."""
         return {i: await trio.to_thread.run_sync(read_entries, self.store_path(i))
                 for i in indexes}
 
@@ -260,15 +281,20 @@ async def emit_all(swarm: ProcSwarm, rng: random.Random, origins: Sequence[int],
     """Emit ``items`` in batches from random ``origins``; the acknowledged packets (with
     the keys each is stored under, from its sketch as nodes compute them) and the
     number of items refused."""
-    done: list[Emitted] = []
+    done: dict[int, Emitted] = {}
     errors = 0
     limiter = trio.CapacityLimiter(p.concurrency)
 
-    async def one(origin: int, batch: list[dict[str, Any]]) -> None:
+    async def one(origin: int, start: int, batch: list[dict[str, Any]]) -> None:
         nonlocal errors
         async with limiter, AsyncClient(swarm.sock(origin), timeout=CALL_TIMEOUT) as client:
-            results = await client.emit_many(batch)
-        for item, res in zip(batch, results, strict=True):
+            try:
+                results = await client.emit_many(batch)
+            except (ControlError, TimeoutError, OSError) as exc:
+                errors += len(batch)
+                log(f"  emit_many of {len(batch)} at node {origin} failed: {exc}")
+                return
+        for n, (item, res) in enumerate(zip(batch, results, strict=True)):
             if "id" not in res:
                 errors += 1
                 if errors <= 5:
@@ -276,25 +302,25 @@ async def emit_all(swarm: ProcSwarm, rng: random.Random, origins: Sequence[int],
                 continue
             keys = keys_for(DEFAULT_MANIFEST, item["topic"],
                             make_sketch(np.array(item["vector"])).to_array())
-            done.append(Emitted(origin, item["topic"], item["vector"],
-                                bytes.fromhex(res["id"]), keys))
+            done[start + n] = Emitted(origin, item["topic"], item["vector"],
+                                      bytes.fromhex(res["id"]), keys)
 
     async with trio.open_nursery() as nursery:
         for start in range(0, len(items), p.batch):
-            nursery.start_soon(one, rng.choice(origins), items[start:start + p.batch])
-    return done, errors
+            nursery.start_soon(one, rng.choice(origins), start, items[start:start + p.batch])
+    return [done[n] for n in sorted(done)], errors
 
 
 async def count_found(swarm: ProcSwarm, packets: Sequence[Emitted],
                       asker: Callable[[], int], concurrency: int) -> tuple[int, int]:
     """(found, errors): each packet looked for by ``qisd query`` with its own vector
-    from the node ``asker()`` picks; found if its id is among the matches."""
+    from the node ``asker()`` picks (in the packets' order, so a seed repeats it);
+    found if its id is among the matches."""
     found = errors = 0
     limiter = trio.CapacityLimiter(concurrency)
 
-    async def one(packet: Emitted) -> None:
+    async def one(packet: Emitted, i: int) -> None:
         nonlocal found, errors
-        i = asker()
         async with limiter, AsyncClient(swarm.sock(i), timeout=CALL_TIMEOUT) as client:
             try:
                 reply = await client.query(topic=packet.topic, vector=packet.vector, k=QUERY_K)
@@ -307,11 +333,18 @@ async def count_found(swarm: ProcSwarm, packets: Sequence[Emitted],
 
     async with trio.open_nursery() as nursery:
         for packet in packets:
-            nursery.start_soon(one, packet)
+            nursery.start_soon(one, packet, asker())
     return found, errors
 
 
 # -- the experiment ---------------------------------------------------------------------
+
+
+def _stop_everything(signum: int, _frame: Any) -> None:
+    for swarm in ProcSwarm.alive:
+        swarm.kill_all()
+    os._exit(128 + signum)
+
 
 
 async def run_churn(p: ProcChurnParams, root: Path) -> ProcChurnResult:
@@ -326,7 +359,8 @@ async def run_churn(p: ProcChurnParams, root: Path) -> ProcChurnResult:
         log(f"starting {p.nodes} qisd processes")
         await swarm.start_all()
         await swarm.wait_formed(min(10, p.nodes - 1))
-        result.start_seconds = time.monotonic() - started
+        t_up = time.monotonic()
+        result.start_seconds = t_up - started
         log(f"swarm formed in {result.start_seconds:.0f} s")
         load.mark("start")
 
@@ -340,15 +374,17 @@ async def run_churn(p: ProcChurnParams, root: Path) -> ProcChurnResult:
         log(f"emitted {result.emit_ok}/{p.packets} in {result.emit_seconds:.0f} s "
             f"({result.emit_errors} refused)")
         load.mark("emit")
-        # As in fault_churn.py: stop once every node has run its first republish.
-        await trio.sleep(max(0.0, started + 1.75 * p.republish - time.monotonic()))
+        # As in fault_churn.py: stop once every node has run its first republish (1-1.5
+        # intervals after it started) and every entry has been through one round.
+        stop_at = max(t_up + 1.75 * p.republish, time.monotonic() + 1.1 * p.republish)
+        await trio.sleep(max(0.0, stop_at - time.monotonic()))
         load.mark("wait for the first republish")
 
         # -- stop a share at random ------------------------------------------------
-        before = await swarm.held(range(p.nodes))
         result.stopped = sorted(rng.sample(range(p.nodes), round(p.stop * p.nodes)))
         result.stop_exit_codes = await swarm.stop(result.stopped)
         t_stop = time.monotonic()
+        before = await swarm.held(result.stopped)  # what each held when it stopped
         live = swarm.running
         log(f"stopped {len(result.stopped)} nodes (exit codes {result.stop_exit_codes}): "
             f"{result.stopped}")
@@ -396,7 +432,8 @@ async def run_churn(p: ProcChurnParams, root: Path) -> ProcChurnResult:
             result.found_down, result.query_errors_down = await count_found(
                 swarm, packets, lambda: rng.choice(live), p.concurrency)
             result.found_down_seconds = time.monotonic() - t0
-            log(f"found {result.found_down}/{len(packets)} by query with 30% down in "
+            log(f"found {result.found_down}/{len(packets)} by query with {len(result.stopped)} "
+                f"down in "
                 f"{result.found_down_seconds:.0f} s ({result.query_errors_down} errors)")
             load.mark("queries while down")
 
@@ -413,19 +450,21 @@ async def run_churn(p: ProcChurnParams, root: Path) -> ProcChurnResult:
         load.mark("re-replication")
 
         # -- restart them ------------------------------------------------------------
+        t0 = time.monotonic()
         for i in result.stopped:
             await swarm.start(i, [b for b in range(3) if b in live])
+        result.restart_seconds = time.monotonic() - t0
         back = await swarm.held(result.stopped)
         for i in result.stopped:
             if back[i] >= before[i]:
                 result.restarted_kept_store += 1
             else:
                 result.restarted_store_mismatch.append(i)
-        log(f"restarted; {result.restarted_kept_store}/{len(result.stopped)} kept their store")
+        log(f"restarted in {result.restart_seconds:.0f} s; "
+            f"{result.restarted_kept_store}/{len(result.stopped)} kept their store")
         everyone = list(range(p.nodes))
         r = replication(expected, await swarm.held(everyone), swarm.node_ids, replicas)
         result.closest_before = r.closest_share
-        t0 = time.monotonic()
         while True:
             r = replication(expected, await swarm.held(everyone), swarm.node_ids, replicas)
             result.final_closest = r.closest_share
@@ -468,7 +507,7 @@ def render(r: ProcChurnResult) -> str:
         ("entries / packets with no copy on running nodes",
          f"{r.entries_lost} / {r.packets_without_copy}"),
         ("entries under replicas right after the stop", f"{r.entries_under_replicas:,}"),
-        ("found by query with own vector, 30% down",
+        (f"found by query with own vector, {round(100 * p['stop'])}% down",
          f"{r.found_down:,}/{r.asked_down:,} ({pct(r.found_down, r.asked_down)}; "
          f"{r.query_errors_down} errors) in {r.found_down_seconds:.0f} s"),
         ("packets emitted during the outage", f"{r.outage_emit_ok}/{p['outage_packets']}"),
@@ -476,13 +515,14 @@ def render(r: ProcChurnResult) -> str:
          f"{secs(r.rereplicate_seconds)} ({100 * r.rereplicated_share:.2f}% at the end)"),
         ("restarted nodes that kept their store",
          f"{r.restarted_kept_store}/{len(r.stopped)}"),
-        ("entries at all replicas closest, at restart", f"{100 * r.closest_before:.2f}%"),
-        ("replicas closest hold every entry after restart",
+        ("restarted nodes answering again", f"{r.restart_seconds:.0f} s"),
+        ("entries at all replicas closest, once restarted", f"{100 * r.closest_before:.2f}%"),
+        ("replicas closest hold every entry, from the first restart",
          f"{secs(r.restored_seconds)} ({100 * r.final_closest:.2f}% at the end)"),
         ("found after restart", f"{r.found_after:,}/{r.asked_after:,} "
                                 f"({pct(r.found_after, r.asked_after)}; "
                                 f"{r.query_errors_after} errors)"),
-        ("cpu busy (both cores)", busy),
+        ("cpu busy (all processes on the machine)", busy),
         ("wall time", f"{r.total_seconds:.0f} s"),
     ]
     return table(rows, ("measure", "value"))
@@ -490,6 +530,8 @@ def render(r: ProcChurnResult) -> str:
 
 def main() -> None:
     params, as_json = parse_params(ProcChurnParams, __doc__)
+    # SIGTERM to this script: stop its daemons rather than leave them running.
+    signal.signal(signal.SIGTERM, _stop_everything)
     with tempfile.TemporaryDirectory(prefix="qisd-churnp-") as tmp:
         result = trio.run(run_churn, params, Path(tmp))
     print_result(result, render, as_json)
