@@ -227,10 +227,15 @@ def _offline_identity(state_dir: str, as_json: bool) -> dict[str, Any]:
 
     if not state_dir:
         _fail(Failure("usage", "--state-dir is empty", 2), as_json)
+    if Path(state_dir).exists() and not Path(state_dir).is_dir():
+        _fail(Failure("usage", f"--state-dir {state_dir}: not a directory", 2), as_json)
     try:
         ident = Identity.load_or_create(Path(state_dir) / KEY_FILE_NAME)
-    except (IdentityError, OSError) as exc:
+    except IdentityError as exc:
         _fail(Failure("read_error", str(exc), 1), as_json)
+    except OSError as exc:
+        _fail(Failure("os_error", f"--state-dir {state_dir}: {exc.strerror or exc}", 1),
+              as_json)
     return {"node_id": ident.node_id.hex(), "public_key": ident.public_key.hex()}
 
 

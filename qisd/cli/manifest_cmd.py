@@ -1,16 +1,18 @@
 """``qisd manifest new`` and ``qisd manifest show``: make and read a swarm manifest.
 
-A manifest fixes a swarm's parameters (LSH shape, replicas, TTLs) and, for a closed
-swarm, the Ed25519 keys of its members, signed by its creator; every node of the
-swarm runs with the same file (``manifest`` in the config, or ``QISD_MANIFEST``).
+A manifest fixes a swarm's parameters (LSH seed and shape, replicas, TTLs) and, for a
+closed swarm, the Ed25519 keys of its members, signed by its creator; every node of
+the swarm runs with the same file (``manifest`` in the config, or ``QISD_MANIFEST``).
 ``new`` builds one from options and a member list (public keys as ``qisd identity``
 prints them), signs it with a creator key file (made on first use, mode 0600, like a
-node's key) and writes it atomically; ``show`` validates a file as the daemon would
-and prints what it says.
+node's key) and writes it whole or not at all; ``show`` validates a file as the
+daemon would and prints what it says. Every input is checked before anything is
+written: a refused ``new`` leaves no manifest and no new key file behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -19,9 +21,16 @@ import typer
 
 from qisd.cli.output import echo, echo_json
 from qisd.identity import Identity, IdentityError
-from qisd.manifest import PUBKEY_BYTES, Manifest, ManifestError, load_manifest
+from qisd.manifest import (
+    MAX_ENCODED_BYTES,
+    MAX_MEMBERS,
+    PUBKEY_BYTES,
+    Manifest,
+    ManifestError,
+    load_manifest,
+)
 
-__all__ = ["manifest_app", "parse_members", "register"]
+__all__ = ["manifest_app", "parse_members", "register", "summary"]
 
 manifest_app = typer.Typer(
     name="manifest",
@@ -30,9 +39,18 @@ manifest_app = typer.Typer(
 )
 
 _DEFAULTS = Manifest()
+#: Longest members file read: 1,024 keys of 64 hex digits with room for comments.
+MAX_MEMBERS_FILE_BYTES = 1 << 20
+#: Most bytes a creator key and signature add to an encoded manifest (TOML, hex).
+SIGNED_EXTRA = 256
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, as_json: bool) -> NoReturn:
+    """One ``error:`` line on stderr (and, with ``--json``, the error map on stdout)."""
+    if as_json:
+        echo_json({"error": {"code": "invalid", "message": message}})
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=1)
 
@@ -41,12 +59,26 @@ def _member_key(text: str, where: str) -> bytes:
     try:
         key = bytes.fromhex(text)
     except ValueError:
-        raise ManifestError(f"{where}: {text!r} is not hex (a public key as `qisd identity`"
-                            " prints it)") from None
+        raise ManifestError(f"{where}: {text[:80]!r} is not hex (a public key as `qisd"
+                            " identity` prints it)") from None
     if len(key) != PUBKEY_BYTES:
         raise ManifestError(f"{where}: a public key is {PUBKEY_BYTES} bytes "
                             f"({2 * PUBKEY_BYTES} hex digits), got {len(key)}")
     return key
+
+
+def _read_members_file(path: Path) -> list[str]:
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_MEMBERS_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_MEMBERS_FILE_BYTES:
+        raise ManifestError(f"{path}: larger than {MAX_MEMBERS_FILE_BYTES} bytes")
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not UTF-8 text (one hex key per line)") from None
 
 
 def parse_members(options: list[str], files: list[Path]) -> list[bytes]:
@@ -57,11 +89,7 @@ def parse_members(options: list[str], files: list[Path]) -> list[bytes]:
     for i, text in enumerate(options):
         _add(seen, _member_key(text.strip(), f"--member #{i + 1}"), f"--member #{i + 1}")
     for path in files:
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"{path}: cannot read ({exc})") from None
-        for n, line in enumerate(lines, 1):
+        for n, line in enumerate(_read_members_file(path), 1):
             text = line.split("#", 1)[0].strip()
             if text:
                 _add(seen, _member_key(text, f"{path}:{n}"), f"{path}:{n}")
@@ -71,12 +99,17 @@ def parse_members(options: list[str], files: list[Path]) -> list[bytes]:
 def _add(seen: dict[bytes, str], key: bytes, where: str) -> None:
     if key in seen:
         raise ManifestError(f"{where}: key {key.hex()[:16]}... already given at {seen[key]}")
+    if len(seen) == MAX_MEMBERS:
+        raise ManifestError(f"{where}: more than {MAX_MEMBERS} members")
     seen[key] = where
 
 
 def summary(manifest: Manifest, path: Path | None = None) -> dict[str, Any]:
-    """What a manifest says, JSON-ready (the ``--json`` output of both commands)."""
-    out: dict[str, Any] = {"file": str(path) if path else None, "swarm": manifest.swarm_id.hex()}
+    """What a manifest says, JSON-ready (the ``--json`` output of both commands; the
+    same keys always, ``creator`` and ``signature`` null when unsigned). ``signed``
+    means signed and verified: a signature that does not verify is an error."""
+    out: dict[str, Any] = {"file": str(path) if path else None, "swarm": manifest.swarm_id.hex(),
+                           "creator": None, "signature": None}
     out.update(manifest.to_toml_dict())
     out["signed"] = manifest.signature is not None
     return out
@@ -101,20 +134,49 @@ def _render(info: dict[str, Any]) -> str:
 
 
 def _write(path: Path, data: bytes, force: bool) -> None:
-    """Write ``data`` to ``path`` whole or not at all (temp file, fsync, rename)."""
-    if path.exists() and not force:
-        _fail(f"{path} exists; pass --force to replace it")
+    """Write ``data`` to ``path`` whole or not at all (temp file, fsync, then rename
+    with ``force``, else link, which fails if ``path`` appeared meanwhile)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if force:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    except FileExistsError:
+        raise ManifestError(f"{path} exists; pass --force to replace it") from None
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        _fail(f"{path}: cannot write ({exc.strerror or exc})")
+        raise ManifestError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def _creator(path: Path) -> Identity:
+    if path.is_dir():
+        raise ManifestError(f"--sign-key {path}: is a directory, not a key file")
+    try:
+        return Identity.load_or_create(path)
+    except OSError as exc:
+        raise ManifestError(f"--sign-key {path}: cannot create the key file "
+                            f"({exc.strerror or exc})") from None
+
+
+def _seed(text: str | None) -> bytes:
+    if text is None:
+        return os.urandom(32)
+    try:
+        seed = bytes.fromhex(text)
+    except ValueError:
+        raise ManifestError(f"--seed: {text[:80]!r} is not hex") from None
+    if len(seed) != 32:
+        raise ManifestError(f"--seed: must be 32 bytes (64 hex digits), got {len(seed)}")
+    return seed
 
 
 @manifest_app.command("new")
@@ -133,6 +195,9 @@ def new(
     members_file: Annotated[list[Path] | None, typer.Option(
         "--members-file", metavar="FILE", show_default=False,
         help="A file of member keys, one per line (# comments).")] = None,
+    seed: Annotated[str | None, typer.Option(
+        "--seed", metavar="HEX", show_default=False,
+        help="The LSH seed (64 hex digits). Default: a fresh random one.")] = None,
     tables: Annotated[int, typer.Option(help="LSH tables.")] = _DEFAULTS.tables,
     bits: Annotated[int, typer.Option(help="LSH bits per table.")] = _DEFAULTS.bits,
     probes: Annotated[int, typer.Option(help="Key lookups per query.")] = _DEFAULTS.probes,
@@ -143,30 +208,35 @@ def new(
     ttl_max: Annotated[int, typer.Option("--ttl-max", help="Longest packet lifetime (s).")
                        ] = _DEFAULTS.ttl_max_s,
     force: Annotated[bool, typer.Option("--force", help="Replace FILE if it exists.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Write a new swarm manifest; with members, a closed swarm signed by --sign-key."""
     suffix = file.suffix.lower()
-    if suffix not in (".toml", ".msgpack"):
-        _fail(f"{file}: the manifest file must end in .toml or .msgpack")
     try:
+        if suffix not in (".toml", ".msgpack"):
+            raise ManifestError(f"{file}: the manifest file must end in .toml or .msgpack")
+        if file.exists() and not force:
+            raise ManifestError(f"{file} exists; pass --force to replace it")
         members = parse_members(member or [], members_file or [])
         if members and sign_key is None:
             raise ManifestError("a closed swarm (with --member) needs --sign-key: members"
                                 " check the creator's signature")
-        creator = Identity.load_or_create(sign_key) if sign_key is not None else None
+        # Validated whole before a creator key file is made.
         manifest = Manifest(
-            name=name, tables=tables, bits=bits, probes=probes, replicas=replicas,
-            ttl_default_s=ttl_default, ttl_max_s=ttl_max,
+            name=name, seed=_seed(seed), tables=tables, bits=bits, probes=probes,
+            replicas=replicas, ttl_default_s=ttl_default, ttl_max_s=ttl_max,
             membership="closed" if members else "open", members=tuple(members),
-            creator=creator.public_key if creator else None,
         )
-        if creator is not None:
-            manifest = manifest.signed(creator.signing_key)
+        data = manifest.to_toml().encode() if suffix == ".toml" else manifest.encode()
+        if len(data) + (SIGNED_EXTRA if sign_key is not None else 0) > MAX_ENCODED_BYTES:
+            raise ManifestError(f"{file}: {len(data)} bytes, over the {MAX_ENCODED_BYTES}"
+                                " a node reads; use FILE.msgpack (smaller) or fewer members")
+        if sign_key is not None:
+            manifest = manifest.signed(_creator(sign_key).signing_key)
+            data = manifest.to_toml().encode() if suffix == ".toml" else manifest.encode()
+        _write(file, data, force)
     except (ManifestError, IdentityError) as exc:
-        _fail(str(exc))
-    data = manifest.to_toml().encode() if suffix == ".toml" else manifest.encode()
-    _write(file, data, force)
+        _fail(str(exc), as_json)
     info = summary(manifest, file)
     if as_json:
         echo_json(info)
@@ -179,13 +249,13 @@ def new(
 def show(
     file: Annotated[Path, typer.Argument(help="A manifest file (.toml or .msgpack).",
                                          show_default=False)],
-    as_json: Annotated[bool, typer.Option("--json", help="Print it as JSON.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Validate a manifest as the daemon would (signature included) and print it."""
     try:
         manifest = load_manifest(file)
     except ManifestError as exc:
-        _fail(str(exc))
+        _fail(str(exc), as_json)
     info = summary(manifest, file)
     if as_json:
         echo_json(info)

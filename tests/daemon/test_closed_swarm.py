@@ -98,6 +98,35 @@ def test_manifest_new_and_show_refuse_bad_input_clearly(workdir: Path) -> None:
     assert ".toml or .msgpack" in fails("new", str(workdir / "m.json"), *sign)
     assert not (workdir / "m.toml").exists() and not (workdir / "m.json").exists()
 
+    # Refused input leaves no key file behind: everything is checked before the key is made.
+    fresh = workdir / "fresh.key"
+    assert "bits" in fails("new", path, "--sign-key", str(fresh), "--bits", "99")
+    assert not fresh.exists()
+    assert "is a directory" in fails("new", path, "--sign-key", str(workdir), "--member", key)
+    assert "not a directory" in cli("identity", "--state-dir", str(members), check=False).stderr
+    assert "cannot write" in fails("new", str(members / "m.toml"), *sign)
+    assert "--seed: must be 32 bytes" in fails("new", path, "--seed", "abcd")
+
+    # 1,024 members (the most) do not fit a node's 64 KiB limit as TOML; as msgpack they do.
+    many = workdir / "many.txt"
+    many.write_text("\n".join(os.urandom(32).hex() for _ in range(1024)))
+    assert "over the 65536 a node reads" in fails("new", path, *sign, "--members-file", str(many))
+    big = workdir / "big.msgpack"
+    made = json.loads(cli("manifest", "new", str(big), *sign, "--members-file", str(many),
+                          "--json").stdout)
+    read = json.loads(cli("manifest", "show", str(big), "--json").stdout)
+    assert made == read and len(read["members"]) == 1024 and read["signed"] is True
+    assert "more than 1024 members" in fails("new", path, *sign, "--members-file", str(many),
+                                             "--member", key)
+    # Without members and a key: an open swarm, unsigned, the same keys in its JSON.
+    open_one = json.loads(cli("manifest", "new", str(workdir / "o.toml"), "--json").stdout)
+    assert open_one["membership"] == "open" and open_one["signed"] is False
+    assert open_one["creator"] is None and set(open_one) == set(read)
+    again = json.loads(cli("manifest", "new", str(workdir / "o2.toml"), "--json").stdout)
+    assert again["seed"] != open_one["seed"] and again["swarm"] != open_one["swarm"]
+    err = cli("manifest", "show", str(workdir / "none.toml"), "--json", check=False)
+    assert json.loads(err.stdout)["error"]["code"] == "invalid"
+
     # A creator key others can read is refused, as a node's own key is.
     loose = workdir / "loose.key"
     cli("manifest", "new", str(workdir / "tmp.toml"), "--sign-key", str(loose))
