@@ -1,6 +1,7 @@
 """The ``qisd`` command line: one typer app, one module per group of commands.
 
 * ``config_cmd`` -- ``qisd config check`` / ``qisd config show``
+* ``manifest_cmd`` -- ``qisd manifest new`` / ``qisd manifest show``
 * ``run_cmd``    -- ``qisd run``, the daemon
 * ``client_cmd`` -- ``qisd status``, ``emit``, ``query``... talking to a running daemon
   (``client_files``: their ``--file`` runs; ``render``: tables; ``output``: stdout,
@@ -62,9 +63,10 @@ def _root(
 
 
 def _register() -> None:
-    from qisd.cli import config_cmd
+    from qisd.cli import config_cmd, manifest_cmd
 
     config_cmd.register(app)
+    manifest_cmd.register(app)
     for name in ("run_cmd", "client_cmd"):
         try:
             module = importlib.import_module(f"qisd.cli.{name}")

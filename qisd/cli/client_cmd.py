@@ -203,10 +203,40 @@ def peers(socket: SocketOption = None, as_json: JsonOption = False) -> None:
         _show(client.call("peers"), as_json, render.render_peers)
 
 
-def identity(socket: SocketOption = None, as_json: JsonOption = False) -> None:
+def identity(
+    socket: SocketOption = None,
+    as_json: JsonOption = False,
+    state_dir: Annotated[str | None, typer.Option(
+        "--state-dir", metavar="DIR", show_default=False,
+        help="Read the key in this state directory instead of asking the daemon"
+             " (created as `qisd run` would if missing): a member list for a closed"
+             " swarm's manifest can be made before the nodes run.")] = None,
+) -> None:
     """Show the node id and public key (what other sites see as this origin)."""
+    if state_dir is not None:
+        _show(_offline_identity(state_dir, as_json), as_json, render.key_values)
+        return
     with _connected(socket, as_json) as client:
         _show(client.call("identity"), as_json, render.key_values)
+
+
+def _offline_identity(state_dir: str, as_json: bool) -> dict[str, Any]:
+    from pathlib import Path
+
+    from qisd.identity import KEY_FILE_NAME, Identity, IdentityError
+
+    if not state_dir:
+        _fail(Failure("usage", "--state-dir is empty", 2), as_json)
+    if Path(state_dir).exists() and not Path(state_dir).is_dir():
+        _fail(Failure("usage", f"--state-dir {state_dir}: not a directory", 2), as_json)
+    try:
+        ident = Identity.load_or_create(Path(state_dir) / KEY_FILE_NAME)
+    except IdentityError as exc:
+        _fail(Failure("read_error", str(exc), 1), as_json)
+    except OSError as exc:
+        _fail(Failure("os_error", f"--state-dir {state_dir}: {exc.strerror or exc}", 1),
+              as_json)
+    return {"node_id": ident.node_id.hex(), "public_key": ident.public_key.hex()}
 
 
 def packets(

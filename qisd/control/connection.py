@@ -1,9 +1,11 @@
-"""One control-socket client connection: whole-line writes with a deadline, reads
+"""One control-socket client connection: whole-line writes with a deadline, line reads
 that end quietly when the peer goes, and a gentle close."""
 
 from __future__ import annotations
 
 import trio
+
+from qisd.control.framing import LineSplitter, Overflow
 
 READ_CHUNK = 64 * 1024
 
@@ -47,3 +49,17 @@ class Connection:
             return await self.stream.receive_some(READ_CHUNK)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
+
+    async def next_line(self, splitter: LineSplitter) -> bytes | Overflow | None:
+        """The next non-blank line read through ``splitter`` (or TOO_LONG for one over
+        its bound); None once the peer has closed. Blank lines (a person pressing
+        enter) carry no request and are skipped."""
+        while True:
+            item = splitter.next()
+            if item is None:
+                data = await self.receive()
+                if not data:
+                    return None
+                splitter.feed(data)
+            elif item is Overflow.TOO_LONG or item.strip():
+                return item

@@ -201,18 +201,9 @@ class _Server:
 
     async def _serve(self, conn: Connection, slot: Slot) -> None:
         splitter = LineSplitter(self.max_request_bytes)
-        while True:
-            item = splitter.next()
-            if item is None:
-                data = await conn.receive()
-                if not data:
-                    return
-                splitter.feed(data)
-                continue
+        while (item := await conn.next_line(splitter)) is not None:
             if item is Overflow.TOO_LONG:
                 reply = self._too_large()
-            elif not item.strip():
-                continue  # blank lines (e.g. a human pressing enter) carry no request
             else:
                 decision = parse_request(item)
                 if isinstance(decision, Rejection):

@@ -105,18 +105,9 @@ class Watches:
         the client closes (that ends the watch); answer any further request with an
         error instead of dropping it."""
         await began.wait()
-        while True:
-            item = splitter.next()
-            if item is None:
-                data = await conn.receive()
-                if not data:
-                    break
-                splitter.feed(data)
-                continue
+        while (item := await conn.next_line(splitter)) is not None:
             if item is Overflow.TOO_LONG:
                 reply = self.too_large()
-            elif not item.strip():
-                continue
             else:
                 decision = parse_request(item)
                 rid = decision.id

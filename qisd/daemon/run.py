@@ -51,6 +51,18 @@ def load_swarm_manifest(config: Config) -> Manifest:
     return load_manifest(Path(path)) if path else DEFAULT_MANIFEST
 
 
+def check_membership(manifest: Manifest, identity: Identity, path: str) -> None:
+    """A closed swarm's members answer only members and refuse outsiders' packets: a
+    node whose key the manifest does not list could do nothing, so it does not start."""
+    if not manifest.is_member(identity.public_key):
+        raise StartupError(
+            f"manifest {path}: the closed swarm {manifest.name!r} does not list this"
+            f" node's key {identity.public_key.hex()} (its members would not answer it"
+            " nor accept its packets); add the key to the member list with `qisd"
+            " manifest new ... --member KEY` and give every node the new file"
+        )
+
+
 def dht_config(config: Config) -> DHTConfig:
     d = config.dht
     return DHTConfig(
@@ -84,6 +96,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
     manifest = load_swarm_manifest(config)
     with StateDirLock(state_dir):
         identity = Identity.load_or_create(state_dir / KEY_FILE_NAME)
+        check_membership(manifest, identity, config.node.manifest)
         store = PacketStore.open(
             state_dir / STORE_FILE_NAME,
             max_packets=config.store.max_packets,
