@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,6 +177,7 @@ class ProcSwarm:
 
     def __init__(self, root: Path, config: Path, nodes: int) -> None:
         ProcSwarm.alive.append(self)
+        self.root = root
         self.nodes = [QisdProcess(root, f"n{i:02d}") for i in range(nodes)]
         self.config = config
         self.ports: dict[int, int] = {}
@@ -341,8 +343,10 @@ async def count_found(swarm: ProcSwarm, packets: Sequence[Emitted],
 
 
 def _stop_everything(signum: int, _frame: Any) -> None:
-    for swarm in ProcSwarm.alive:
+    for swarm in list(ProcSwarm.alive):
         swarm.kill_all()
+        # os._exit skips the TemporaryDirectory's cleanup: remove the swarm's files here.
+        shutil.rmtree(swarm.root, ignore_errors=True)
     os._exit(128 + signum)
 
 
@@ -447,7 +451,8 @@ async def run_churn(p: ProcChurnParams, root: Path) -> ProcChurnResult:
                 await settled.wait()
             watch_scope.cancel()
         log(f"re-replicated on the running nodes: {result.rereplicate_seconds}")
-        load.mark("re-replication")
+        # Re-replication itself overlaps the queries: this phase is what came after them.
+        load.mark("outage emits and the wait for re-replication")
 
         # -- restart them ------------------------------------------------------------
         t0 = time.monotonic()

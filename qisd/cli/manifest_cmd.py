@@ -231,10 +231,16 @@ def new(
         if len(data) + (SIGNED_EXTRA if sign_key is not None else 0) > MAX_ENCODED_BYTES:
             raise ManifestError(f"{file}: {len(data)} bytes, over the {MAX_ENCODED_BYTES}"
                                 " a node reads; use FILE.msgpack (smaller) or fewer members")
+        new_key = sign_key is not None and not sign_key.exists()
         if sign_key is not None:
             manifest = manifest.signed(_creator(sign_key).signing_key)
             data = manifest.to_toml().encode() if suffix == ".toml" else manifest.encode()
-        _write(file, data, force)
+        try:
+            _write(file, data, force)
+        except ManifestError:
+            if new_key and sign_key is not None:  # made for this manifest: not left behind
+                sign_key.unlink(missing_ok=True)
+            raise
     except (ManifestError, IdentityError) as exc:
         _fail(str(exc), as_json)
     info = summary(manifest, file)
