@@ -423,19 +423,26 @@ def _build(raw: Mapping[str, Any], *, binary: bool, source: str) -> Manifest:
     return manifest
 
 
+def read_capped(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, refused (ManifestError naming the file) when it cannot be
+    read or holds more than ``limit`` bytes; never reads more than ``limit + 1``."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > limit:
+        raise ManifestError(f"{path}: larger than {limit} bytes")
+    return data
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Read a manifest file: ``.toml`` (hex binary fields) or ``.msgpack``."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".msgpack"):
         raise ManifestError(f"{path}: unknown manifest format {suffix!r} (.toml or .msgpack)")
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_ENCODED_BYTES + 1)
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if len(data) > MAX_ENCODED_BYTES:
-        raise ManifestError(f"{path}: larger than {MAX_ENCODED_BYTES} bytes")
+    data = read_capped(path, MAX_ENCODED_BYTES)
     if suffix == ".msgpack":
         try:
             return Manifest.decode(data)

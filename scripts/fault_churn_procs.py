@@ -51,7 +51,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from faultlib import log, parse_params, pct, print_result, secs, table
-from faultmeasure import Entry, read_entries, replication, short_entries
+from faultmeasure import Entry, held_entries, replication, short_entries
 from faultproc import QisdProcess
 
 from qisd import DEFAULT_MANIFEST, AsyncClient, ControlError, keys_for, make_sketch
@@ -257,12 +257,6 @@ class ProcSwarm:
         if self in ProcSwarm.alive:
             ProcSwarm.alive.remove(self)
 
-    async def held(self, indexes: Iterable[int]) -> dict[int, set[Entry]]:
-        """The (key, packet id) entries in each node's SQLite file (read beside the
-        running daemons; WAL lets them)."""
-        return {i: await trio.to_thread.run_sync(read_entries, self.store_path(i))
-                for i in indexes}
-
 
 # -- emitting and looking ---------------------------------------------------------------
 
@@ -313,7 +307,7 @@ async def emit_all(swarm: ProcSwarm, rng: random.Random, origins: Sequence[int],
     return [done[n] for n in sorted(done)], errors
 
 
-async def count_found(swarm: ProcSwarm, packets: Sequence[Emitted],
+async def count_found_by_query(swarm: ProcSwarm, packets: Sequence[Emitted],
                       asker: Callable[[], int], concurrency: int) -> tuple[int, int]:
     """(found, errors): each packet looked for by ``qisd query`` with its own vector
     from the node ``asker()`` picks (in the packets' order, so a seed repeats it);
@@ -388,11 +382,11 @@ async def run_churn(p: ProcChurnParams, root: Path) -> ProcChurnResult:
         result.stopped = sorted(rng.sample(range(p.nodes), round(p.stop * p.nodes)))
         result.stop_exit_codes = await swarm.stop(result.stopped)
         t_stop = time.monotonic()
-        before = await swarm.held(result.stopped)  # what each held when it stopped
+        before = await held_entries(swarm, result.stopped)  # what each held when it stopped
         live = swarm.running
         log(f"stopped {len(result.stopped)} nodes (exit codes {result.stop_exit_codes}): "
             f"{result.stopped}")
-        now_held = await swarm.held(live)
+        now_held = await held_entries(swarm, live)
         rep = replication(expected, now_held, swarm.node_ids, replicas)
         result.entries_lost = rep.lost
         result.entries_under_replicas = rep.entries - rep.full
@@ -408,7 +402,7 @@ async def run_churn(p: ProcChurnParams, root: Path) -> ProcChurnResult:
 
         async def watch_copies() -> None:
             while True:
-                held = await swarm.held(live)
+                held = await held_entries(swarm, live)
                 r = replication(original, held, swarm.node_ids, replicas)
                 result.rereplicated_share = r.full_share
                 log(f"  running nodes: {r.full}/{r.entries} entries with >= {replicas} "
@@ -433,7 +427,7 @@ async def run_churn(p: ProcChurnParams, root: Path) -> ProcChurnResult:
             nursery.start_soon(watch_while_down)
             t0 = time.monotonic()
             result.asked_down = len(packets)
-            result.found_down, result.query_errors_down = await count_found(
+            result.found_down, result.query_errors_down = await count_found_by_query(
                 swarm, packets, lambda: rng.choice(live), p.concurrency)
             result.found_down_seconds = time.monotonic() - t0
             log(f"found {result.found_down}/{len(packets)} by query with {len(result.stopped)} "
@@ -459,7 +453,7 @@ async def run_churn(p: ProcChurnParams, root: Path) -> ProcChurnResult:
         for i in result.stopped:
             await swarm.start(i, [b for b in range(3) if b in live])
         result.restart_seconds = time.monotonic() - t0
-        back = await swarm.held(result.stopped)
+        back = await held_entries(swarm, result.stopped)
         for i in result.stopped:
             if back[i] >= before[i]:
                 result.restarted_kept_store += 1
@@ -468,10 +462,10 @@ async def run_churn(p: ProcChurnParams, root: Path) -> ProcChurnResult:
         log(f"restarted in {result.restart_seconds:.0f} s; "
             f"{result.restarted_kept_store}/{len(result.stopped)} kept their store")
         everyone = list(range(p.nodes))
-        r = replication(expected, await swarm.held(everyone), swarm.node_ids, replicas)
+        r = replication(expected, await held_entries(swarm, everyone), swarm.node_ids, replicas)
         result.closest_before = r.closest_share
         while True:
-            r = replication(expected, await swarm.held(everyone), swarm.node_ids, replicas)
+            r = replication(expected, await held_entries(swarm, everyone), swarm.node_ids, replicas)
             result.final_closest = r.closest_share
             log(f"  all nodes: {r.closest_hold}/{r.entries} entries at all {replicas} "
                 f"closest nodes")
@@ -485,7 +479,7 @@ async def run_churn(p: ProcChurnParams, root: Path) -> ProcChurnResult:
         load.mark("restore after restart")
 
         result.asked_after = len(packets)
-        result.found_after, result.query_errors_after = await count_found(
+        result.found_after, result.query_errors_after = await count_found_by_query(
             swarm, packets, lambda: rng.randrange(p.nodes), p.concurrency)
         log(f"after restart found {result.found_after}/{len(packets)} "
             f"({result.query_errors_after} errors)")

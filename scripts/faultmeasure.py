@@ -1,4 +1,4 @@
-"""Measurements of the fault experiments over a :class:`faultlib.LocalSwarm`.
+"""Measurements of the fault experiments over a swarm of nodes with SQLite stores.
 
 - Over the stores, read through separate SQLite connections (WAL lets them read
   while the nodes write): which (key, packet) entries each node holds
@@ -17,10 +17,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
-from faultlib import LocalSwarm, packet_keys
+from faultlib import packet_keys
 from kademlia.node import Node
 
 from qisd.dht import DHTNode
@@ -46,7 +46,14 @@ def read_entries(path: Path) -> set[Entry]:
     return {(bytes(k), bytes(i)) for k, i in rows}
 
 
-async def held_entries(swarm: LocalSwarm, nodes: Iterable[int]) -> dict[int, set[Entry]]:
+class HasStores(Protocol):
+    """A swarm whose node ``i`` keeps its store at ``store_path(i)`` (a
+    :class:`faultlib.LocalSwarm`, or the process swarm of ``fault_churn_procs.py``)."""
+
+    def store_path(self, i: int) -> Path: ...
+
+
+async def held_entries(swarm: HasStores, nodes: Iterable[int]) -> dict[int, set[Entry]]:
     """The (key, packet id) entries each node's store holds (read in worker threads)."""
     out: dict[int, set[Entry]] = {}
     for i in nodes:

@@ -28,6 +28,7 @@ from qisd.manifest import (
     Manifest,
     ManifestError,
     load_manifest,
+    read_capped,
 )
 
 __all__ = ["manifest_app", "parse_members", "register", "summary"]
@@ -68,13 +69,7 @@ def _member_key(text: str, where: str) -> bytes:
 
 
 def _read_members_file(path: Path) -> list[str]:
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_MEMBERS_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if len(data) > MAX_MEMBERS_FILE_BYTES:
-        raise ManifestError(f"{path}: larger than {MAX_MEMBERS_FILE_BYTES} bytes")
+    data = read_capped(path, MAX_MEMBERS_FILE_BYTES)
     try:
         return data.decode("utf-8").splitlines()
     except UnicodeDecodeError:
