@@ -26,6 +26,7 @@ __all__ = [
     "Rule",
     "accept",
     "cross_problems",
+    "format_hostport",
     "parse_hostport",
     "problem",
     "show",
@@ -58,6 +59,11 @@ def _check_host(host: str) -> None:
             ipaddress.IPv4Address(host)
         except ValueError:
             raise ValueError(f"{host!r} is not a valid IPv4 address") from None
+
+
+def format_hostport(host: str, port: int) -> str:
+    """``host:port`` as :func:`parse_hostport` reads it (IPv6 in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

@@ -111,6 +111,10 @@ class ImpairedEndpoint:
     def local_address(self) -> Address:
         return self.inner.local_address
 
+    @property
+    def dual_stack(self) -> bool:
+        return self.inner.dual_stack
+
     async def sendto(self, data: bytes, addr: Address) -> None:
         imp = self.impairment
         if not imp.verdict(self.inner.local_address, addr):

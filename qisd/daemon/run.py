@@ -20,7 +20,7 @@ import structlog
 import trio
 
 from qisd import __version__
-from qisd.config import Config
+from qisd.config import Config, format_hostport
 from qisd.control.server import Drain, serve_control
 from qisd.control.stats import ControlStats
 from qisd.daemon.errors import StartupError
@@ -248,10 +248,10 @@ def _log_ready(config: Config, service: NodeService, node: DHTNode) -> None:
         "ready",
         version=__version__,
         node_id=service.ident.node_id.hex(),
-        udp=f"{host}:{port}",
+        udp=format_hostport(host, port),
         socket=str(config.resolved_socket()),
         metrics=service.metrics_url,
         state_dir=str(config.resolved_state_dir()),
         swarm=service.manifest.swarm_id.hex()[:16],
-        join_with=f"qisd run --bootstrap {shown_host}:{port}",
+        join_with=f"qisd run --bootstrap {format_hostport(shown_host, port)}",
     )

@@ -18,7 +18,7 @@ import trio
 
 from qisd import __version__
 from qisd.answer import answer_query, match_summary
-from qisd.config import Config, parse_hostport
+from qisd.config import Config, format_hostport, parse_hostport
 from qisd.control.errors import ControlError
 from qisd.daemon.watch import Subscription, WatchHub
 from qisd.dht import DHTNode
@@ -95,7 +95,7 @@ class NodeService:
         return {
             "node_id": self.ident.node_id.hex(),
             "public_key": self.ident.public_key.hex(),
-            "listen": _hostport(host, port),
+            "listen": format_hostport(host, port),
             "peers": len(self.node.table),
             "packets": stats.packets,
             "bytes": stats.bytes,
@@ -126,7 +126,7 @@ class NodeService:
     async def peers(self) -> dict[str, Any]:
         return {
             "peers": [
-                {"node_id": c.id.hex(), "address": _hostport(str(c.ip), int(c.port))}
+                {"node_id": c.id.hex(), "address": format_hostport(str(c.ip), int(c.port))}
                 for c in self.node.table.contacts()
             ]
         }
@@ -156,7 +156,7 @@ class NodeService:
             # Each address that did not answer, and why (extends the reply; scripts
             # reading contacted/peers are unaffected).
             "failed": [
-                {"address": _hostport(host, port), "reason": why}
+                {"address": format_hostport(host, port), "reason": why}
                 for (host, port), why in failed.items()
             ],
         }
@@ -387,7 +387,3 @@ def _watch_event(packet: OutcomePacket, query: Sketch | None, missed: int) -> di
         # Packets of the topic this watcher was too slow to take, since its last event.
         event["missed"] = missed
     return event
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

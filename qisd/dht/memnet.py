@@ -72,6 +72,10 @@ class MemoryEndpoint:
     def local_address(self) -> Address:
         return self._addr
 
+    @property
+    def dual_stack(self) -> bool:
+        return False
+
     async def sendto(self, data: bytes, addr: Address) -> None:
         await trio.lowlevel.checkpoint()
         self.network.deliver(bytes(data), self._addr, addr)

@@ -111,6 +111,7 @@ class DHTNode:
         self.thread_limiter = trio.CapacityLimiter(config.store_threads)
         self.state_file = state_dir / state.FILE_NAME if state_dir is not None else None
         self._v6 = ":" in host
+        self._dual = endpoint.dual_stack
         self._pinging: set[bytes] = set()
         self._nursery: trio.Nursery | None = None
 
@@ -175,8 +176,8 @@ class DHTNode:
     # -- contacts ---------------------------------------------------------------
 
     def reachable(self, ip: str | None) -> bool:
-        """Only contacts of our socket's address family can be reached."""
-        return ip is not None and (":" in ip) == self._v6
+        """Only contacts of our socket's address family (or both, dual-stack) can be reached."""
+        return ip is not None and (self._dual or (":" in ip) == self._v6)
 
     def welcome(self, contact: Node) -> None:
         """``contact`` sent or answered something: record it (paper 2.2, 2.5)."""
@@ -339,7 +340,7 @@ class DHTNode:
 
     async def _resolve(self, host: str, port: int) -> Address | str:
         """The address to send to, or why there is none."""
-        mine = "IPv6" if self._v6 else "IPv4"
+        mine = "IPv4 or IPv6" if self._dual else "IPv6" if self._v6 else "IPv4"
         try:
             ip = normalize_ip(host)
         except ValueError:
@@ -348,7 +349,11 @@ class DHTNode:
             if not self.reachable(ip):
                 return f"not an {mine} address (this node listens on {mine})"
             return ip, port
-        family = trio.socket.AF_INET6 if self._v6 else trio.socket.AF_INET
+        family = (
+            trio.socket.AF_UNSPEC
+            if self._dual
+            else trio.socket.AF_INET6 if self._v6 else trio.socket.AF_INET
+        )
         try:
             infos = await trio.socket.getaddrinfo(host, port, family=family)
         except OSError as exc:

@@ -166,8 +166,15 @@ def bytes_list(rpc: str, field: str, value: Any, *, max_items: int, max_bytes: i
 
 @lru_cache(maxsize=8192)
 def normalize_ip(ip: str) -> str:
-    """The canonical text of an IP address literal; ValueError if it is not one."""
-    return str(ipaddress.ip_address(ip))
+    """The canonical text of an IP address literal; ValueError if it is not one.
+
+    A v4-mapped IPv6 address (``::ffff:192.0.2.7``, how a dual-stack socket sees an
+    IPv4 peer) is that IPv4 address: one host, one spelling, reachable by IPv4 nodes.
+    """
+    parsed = ipaddress.ip_address(ip)
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    return str(parsed)
 
 
 def contact_triple(rpc: str, field: str, value: Any) -> tuple[bytes, str, int]:

@@ -48,6 +48,7 @@ class Daemon:
     name: str
     bootstrap: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
+    listen: str = "127.0.0.1:0"
     proc: subprocess.Popen[bytes] | None = None
     notify: socket.socket | None = None
     messages: list[str] = field(default_factory=list)
@@ -79,7 +80,7 @@ class Daemon:
             sys.executable, "-m", "qisd", "run",
             "--state-dir", str(self.state_dir),
             "--socket", str(self.socket),
-            "--listen", "127.0.0.1:0",
+            "--listen", self.listen,
             "--metrics", "127.0.0.1:0",
             *[arg for peer in self.bootstrap for arg in ("--bootstrap", peer)],
             *self.extra,

@@ -262,3 +262,32 @@ def test_down_bootstrap_peer_is_retried_while_serving_alone(
             return
         time.sleep(0.5)
     raise AssertionError("A never found B's packet")
+
+
+@pytest.mark.ipv6
+def test_dual_stack_daemon_bridges_ipv4_and_ipv6_daemons(
+    workdir: Path, daemons: list[Daemon]
+) -> None:
+    """`--listen [::]:0` is one socket for both families: an IPv4-only and an
+    IPv6-only daemon join through it and find each other's packets at it."""
+    dual = Daemon(workdir, "dual", listen="[::]:0").start()
+    daemons.append(dual)
+    assert dual.address.startswith("[::]:")
+    port = dual.address.rsplit(":", 1)[1]
+    v4 = Daemon(workdir, "v4", bootstrap=[f"127.0.0.1:{port}"]).start()
+    daemons.append(v4)
+    v6 = Daemon(workdir, "v6", listen="[::1]:0", bootstrap=[f"[::1]:{port}"]).start()
+    daemons.append(v6)
+    _wait_peers(dual, 2)
+    peers = cli_json("peers", socket_path=dual.socket)["peers"]
+    # The IPv4 daemon is known by its IPv4 address, not as ::ffff:127.0.0.1.
+    assert sorted(p["address"] for p in peers) == sorted([v4.address, v6.address])
+
+    from_v4 = emit(v4, "icu", VEC_A, survived=True)
+    from_v6 = emit(v6, "icu", VEC_B, survived=False)
+    for asker, vec, pid in ((v6, VEC_A, from_v4), (v4, VEC_B, from_v6)):
+        result = cli_json("query", "--topic", "icu", "--vector", json.dumps(vec),
+                          socket_path=asker.socket)
+        assert pid in [m["id"] for m in result["matches"]]
+    for d in (v4, v6, dual):
+        assert d.stop() == 0

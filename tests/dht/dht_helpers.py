@@ -77,8 +77,10 @@ async def member(
     port: int = 0,
     config: DHTConfig | None = None,
     with_store: bool = True,
+    host: str = "127.0.0.1",
 ) -> AsyncIterator[Member]:
-    """One node on 127.0.0.1 with its own SQLite store and state dir under ``tmp``."""
+    """One node (on 127.0.0.1 unless ``host``) with its own SQLite store and state dir
+    under ``tmp``."""
     async with AsyncExitStack() as stack:
         store = None
         if with_store and tmp is not None:
@@ -89,7 +91,7 @@ async def member(
                 identity,
                 manifest,
                 store,
-                host="127.0.0.1",
+                host=host,
                 port=port,
                 config=config,
                 state_dir=tmp,

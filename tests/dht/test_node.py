@@ -230,16 +230,7 @@ async def test_handoff_spreads_packets_when_peers_appear(tmp_path: Path) -> None
             assert held, "nothing was handed to the closer node"
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.ipv6
 async def test_ipv6_nodes(tmp_path: Path) -> None:
     async with (
         open_node(Identity.generate(), host="::1") as a,
@@ -249,6 +240,52 @@ async def test_ipv6_nodes(tmp_path: Path) -> None:
         found = await b.bootstrap([a.address])
         assert [n.id for n in found] == [a.me.id]
         assert await b.set("v6", "yes") and await a.get("v6") == "yes"
+
+
+@pytest.mark.ipv6
+async def test_dual_stack_node_joins_ipv4_and_ipv6_peers(tmp_path: Path) -> None:
+    """A node on ``::`` serves an IPv4-only and an IPv6-only peer on one socket; each
+    sees the other's packets through it, and IPv4 peers are known by plain IPv4
+    addresses (not ``::ffff:``), so node lists it sends an IPv4 node are usable."""
+    rng = random.Random(7)
+    with trio.fail_after(30):
+        async with (
+            member(Identity.generate(), tmp_path / "dual", host="::") as dual,
+            member(Identity.generate(), tmp_path / "v4", host="127.0.0.1") as v4,
+            member(Identity.generate(), tmp_path / "v6", host="::1") as v6,
+        ):
+            assert dual.node.transport.endpoint.dual_stack
+            assert not v4.node.transport.endpoint.dual_stack
+            assert not v6.node.transport.endpoint.dual_stack
+            port = dual.node.address[1]
+            # The dual node bootstraps to both families by their own literals...
+            found = await dual.node.bootstrap([v4.node.address, v6.node.address])
+            assert {n.id for n in found} == {v4.node.me.id, v6.node.me.id}
+            # ...and each single-family node reaches it at its own loopback.
+            assert {n.id for n in await v4.node.bootstrap([("127.0.0.1", port)])} >= {
+                dual.node.me.id
+            }
+            assert {n.id for n in await v6.node.bootstrap([("::1", port)])} >= {dual.node.me.id}
+            contacts = {n.id: n.ip for n in dual.node.table.find_neighbors(dual.node.me)}
+            assert contacts[v4.node.me.id] == "127.0.0.1"
+            assert contacts[v6.node.me.id] == "::1"
+            # The IPv4 node never learns the IPv6 one (it could not reach it).
+            assert all(":" not in n.ip for n in v4.node.table.find_neighbors(v4.node.me))
+
+            from_v4 = make_packet(v4.identity, rng)
+            from_v6 = make_packet(v6.identity, rng)
+            assert (await v4.node.put_packet(from_v4)).ok
+            assert (await v6.node.put_packet(from_v6)).ok
+            for asker, packet in ((v6, from_v4), (v4, from_v6)):
+                keys = keys_for(DEFAULT_MANIFEST, packet.topic, packet.sketch.to_array())
+                got = await asker.node.find_packets(keys, packet.sketch, 5)
+                assert packet.id in {p.id for _, p in got}
+
+
+async def test_bootstrap_names_the_family_a_node_cannot_reach(tmp_path: Path) -> None:
+    async with open_node(Identity.generate(), host="127.0.0.1") as a:
+        nodes, failed = await a.join([("::1", 9)])
+        assert nodes == [] and "not an IPv4 address" in failed[("::1", 9)]
 
 
 async def test_config_is_checked() -> None:

@@ -82,6 +82,13 @@ def test_oversized_request_refused() -> None:
     assert info.value.reason == "oversized"
 
 
+def test_v4_mapped_contacts_are_plain_ipv4() -> None:
+    """One host, one spelling: what a dual-stack node saw as ``::ffff:`` is IPv4."""
+    nodes = wire.contact_list("find_node", [[b"\x01" * 20, "::ffff:192.0.2.7", 5]], 20)
+    assert nodes == [(b"\x01" * 20, "192.0.2.7", 5)]
+    assert wire.normalize_ip("2001:DB8::1") == "2001:db8::1"
+
+
 def test_validators_name_rpc_and_field() -> None:
     with pytest.raises(WireError, match=r"find_node: key must be 20 bytes"):
         wire.id20("find_node", "key", b"short")
