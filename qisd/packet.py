@@ -151,9 +151,13 @@ class OutcomePacket:
         }
 
 
+#: Bytes in a packet id (BLAKE2b-128 of the signed encoding).
+PACKET_ID_BYTES = 16
+
+
 def packet_id(encoded: bytes) -> bytes:
     """BLAKE2b-128 of a packet's canonical signed encoding."""
-    return hashlib.blake2b(encoded, digest_size=16).digest()
+    return hashlib.blake2b(encoded, digest_size=PACKET_ID_BYTES).digest()
 
 
 def _pack(obj: Mapping[str, Any]) -> bytes:

@@ -1,5 +1,6 @@
 """The read side of the packet store (:class:`qisd.store.PacketStore`): similarity
-top-m under a key, paging, key listings, packets by id, origin or topic.
+top-m under a key (packets, or ids only), encodings by id, paging, key listings,
+packets by id, origin or topic.
 
 Everything in the store was verified before it was written, so reads decode without
 verifying again. Each query runs under the store's lock on its one connection.
@@ -37,6 +38,14 @@ class StoreReads:
         The whole bucket is ranked here so only the best ``m`` cross the network
         (DESIGN: coarse buckets cost server CPU, not bandwidth); ``offset`` pages on.
         """
+        ranked = self.top_ids(key, query, m, now_ms=now_ms, offset=offset)
+        packets = self._load([pid for _, pid in ranked])
+        return [(sim, packets[pid]) for sim, pid in ranked if pid in packets]
+
+    def top_ids(
+        self, key: bytes, query: Sketch, m: int, *, now_ms: int, offset: int = 0
+    ) -> list[tuple[float, bytes]]:
+        """:meth:`top` as ``(similarity, packet id)`` pairs, no packet read or decoded."""
         with self._lock:
             rows = self._conn.execute(
                 "SELECT p.id, p.dim, p.bits, p.sketch"
@@ -51,9 +60,22 @@ class StoreReads:
         # Partial selection, then an exact order (ties by id) for the selected few.
         cut = np.argpartition(-sims, want - 1)[:want] if want < len(rows) else range(len(rows))
         order = sorted(cut, key=lambda i: (-sims[i], rows[i][0]))
-        chosen = order[offset : offset + m]
-        packets = self._load([rows[i][0] for i in chosen])
-        return [(float(sims[i]), packets[rows[i][0]]) for i in chosen if rows[i][0] in packets]
+        return [(float(sims[i]), rows[i][0]) for i in order[offset : offset + m]]
+
+    def encoded(self, ids: Sequence[bytes], *, now_ms: int | None = None) -> dict[bytes, bytes]:
+        """The stored encodings of those of ``ids`` held here (and, given ``now_ms``,
+        not expired)."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        sql = f"SELECT id, data FROM packets WHERE id IN ({marks})"
+        args: tuple[object, ...] = tuple(ids)
+        if now_ms is not None:
+            sql += " AND expires_ms > ?"
+            args += (now_ms,)
+        with self._lock:
+            rows = self._conn.execute(sql, args).fetchall()
+        return {r[0]: r[1] for r in rows}
 
     def page(
         self, key: bytes, *, after: bytes | None = None, limit: int = 100, now_ms: int
@@ -142,15 +164,7 @@ class StoreReads:
         return self._decoded(r[0] for r in rows)
 
     def _load(self, ids: Sequence[bytes]) -> dict[bytes, OutcomePacket]:
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
-        with self._lock:
-            rows = self._conn.execute(
-                f"SELECT id, data FROM packets WHERE id IN ({marks})",
-                tuple(ids),
-            ).fetchall()
-        return {p.id: p for p in self._decoded(r[1] for r in rows)}
+        return {p.id: p for p in self._decoded(self.encoded(ids).values())}
 
     def _decoded(self, blobs: Iterable[bytes]) -> list[OutcomePacket]:
         """The packets stored as ``blobs``, leaving out (and counting) any that no

@@ -164,6 +164,24 @@ def test_top_ranks_by_cosine_and_pages(store: PacketStore) -> None:
     nxt = store.top(KEY_A, query, 10, now_ms=NOW, offset=10)
     assert not {p.id for _, p in top} & {p.id for _, p in nxt}
     assert store.top(KEY_B, query, 10, now_ms=NOW) == []
+    # The ids-only ranking is the same ranking, page for page.
+    assert store.top_ids(KEY_A, query, 10, now_ms=NOW) == [(s, p.id) for s, p in top]
+    assert store.top_ids(KEY_A, query, 10, now_ms=NOW, offset=10) == [
+        (s, p.id) for s, p in nxt
+    ]
+
+
+def test_encoded_returns_stored_bytes_of_live_packets(store: PacketStore) -> None:
+    live, short = packet(1), packet(2, ttl_s=60)
+    store.put_many([(KEY_A, live), (KEY_A, short)], now_ms=NOW)
+    absent = bytes(16)
+    assert store.encoded([live.id, short.id, absent], now_ms=NOW) == {
+        live.id: live.encoded,
+        short.id: short.encoded,
+    }
+    later = NOW + 61_000
+    assert store.encoded([live.id, short.id, absent], now_ms=later) == {live.id: live.encoded}
+    assert store.encoded([], now_ms=NOW) == {}
 
 
 def test_page_walks_a_key(store: PacketStore) -> None:

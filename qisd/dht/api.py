@@ -5,7 +5,7 @@ pass small stand-ins). Pure.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,6 +80,12 @@ class PacketStore(Protocol):
     def top(
         self, key: bytes, query: Sketch, m: int, *, now_ms: int, offset: int = 0
     ) -> Sequence[tuple[float, OutcomePacket]]: ...
+
+    def top_ids(
+        self, key: bytes, query: Sketch, m: int, *, now_ms: int, offset: int = 0
+    ) -> Sequence[tuple[float, bytes]]: ...
+
+    def encoded(self, ids: Sequence[bytes], *, now_ms: int) -> Mapping[bytes, bytes]: ...
 
     def keys(self, now_ms: int) -> Sequence[bytes]: ...
 

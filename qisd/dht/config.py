@@ -58,7 +58,7 @@ class DHTConfig:
     #: A ``find_packets`` key lookup stops once this many nodes among the key's
     #: ``replicas`` closest known have answered with packets (their answers are
     #: unioned, so one stale or partial replica is covered); see
-    #: :meth:`qisd.dht.packets.PacketOps.lookup_packets`.
+    #: :meth:`qisd.dht.search.PacketSearch.lookup_ids`.
     find_holders: int = 2
 
     def __post_init__(self) -> None:

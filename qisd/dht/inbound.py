@@ -26,7 +26,7 @@ from kademlia.node import Node
 
 from qisd.dht.api import Delivery, PutResult
 from qisd.dht.ingest import Ingest
-from qisd.dht.paging import batches, find_reply, verify_all
+from qisd.dht.paging import batches, find_ids_reply, find_reply, get_reply, verify_all
 from qisd.dht.recent import RecentStores
 from qisd.packet import OutcomePacket, PacketError
 from qisd.sketch import Sketch
@@ -186,11 +186,29 @@ class Inbound:
         return statuses
 
     async def serve_find(
-        self, key: bytes, sketch: Sketch, limit: int, offset: int, nodes: list[list[Any]]
+        self,
+        key: bytes,
+        sketch: Sketch,
+        limit: int,
+        offset: int,
+        nodes: list[list[Any]],
+        *,
+        ids: bool = False,
     ) -> dict[str, Any]:
+        """A ``find_packets`` reply, or with ``ids`` a ``find_packet_ids`` one."""
         store = self.node.store
         assert store is not None
-        top = await self.node.in_thread(
-            store.top, key, sketch, limit + 1, now_ms=self.node.wall_ms(), offset=offset
-        )
+        now_ms, want = self.node.wall_ms(), limit + 1  # one more: is there more?
+        if ids:
+            top_ids = await self.node.in_thread(
+                store.top_ids, key, sketch, want, now_ms=now_ms, offset=offset
+            )
+            return find_ids_reply(nodes, top_ids, limit)
+        top = await self.node.in_thread(store.top, key, sketch, want, now_ms=now_ms, offset=offset)
         return find_reply(nodes, top, limit)
+
+    async def serve_get(self, ids: list[bytes]) -> dict[str, Any]:
+        store = self.node.store
+        assert store is not None
+        held = await self.node.in_thread(store.encoded, ids, now_ms=self.node.wall_ms())
+        return get_reply([held[pid] for pid in dict.fromkeys(ids) if pid in held])

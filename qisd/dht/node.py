@@ -36,7 +36,7 @@ from qisd.dht.stats import Counters, DHTStatistics
 from qisd.dht.transport import DatagramEndpoint, Transport, open_udp_endpoint
 from qisd.dht.traverse import LookupState
 from qisd.dht.values import AddressMemory, Listeners, StockValue, ValueStore
-from qisd.dht.wire import Address, WireError, contact_list, normalize_ip
+from qisd.dht.wire import MAX_REPLY_NODES, Address, WireError, contact_list, normalize_ip
 from qisd.logs import get_logger
 from qisd.manifest import DEFAULT_MANIFEST, Manifest
 from qisd.packet import OutcomePacket
@@ -44,8 +44,6 @@ from qisd.sketch import Sketch
 
 log = get_logger(__name__)
 T = TypeVar("T")
-#: Largest node list accepted in a reply (stock nodes may run a larger k).
-MAX_REPLY_NODES = 64
 #: Head pings (paper 2.2 eviction checks) in flight at once.
 MAX_HEAD_PINGS = 16
 

@@ -5,12 +5,9 @@
   nodes end up holding the packet (this node among them when it is that close; a
   node that fails or refuses is replaced by the next closest). With no peer
   reachable the packet stays here, and hand-off moves it once peers appear.
-- :meth:`PacketOps.find_packets`: for each key, a FIND_PACKETS lookup (width
-  ``replicas``) that collects the packets the responsible nodes return and stops
-  once ``find_holders`` of the ``replicas`` closest have answered with packets (see
-  :meth:`PacketOps.lookup_packets`), pages further where a node says ``more``, then
-  verifies each packet once and ranks all by cosine to the query here (a peer's
-  similarity figure is never trusted).
+- :meth:`PacketOps.find_packets`: ids first (a FIND_PACKET_IDS lookup per key),
+  then only the best packets (``get_packets``), verified and ranked here; see
+  :mod:`qisd.dht.search`.
 - Stock nodes ignore packet RPCs: a peer that never answered one but answers a
   ping is remembered as such (not evicted) and left out of placement; lookups
   still route through it with ``find_node``. An overloaded qisd peer says "busy"
@@ -22,7 +19,7 @@ Server-side handling of stored and pushed packets is in :mod:`qisd.dht.inbound`.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 from kademlia.node import Node
@@ -31,52 +28,19 @@ from qisd.dht.api import KeyPlacement, PutReport
 from qisd.dht.inbound import OK_STATUSES, Inbound
 from qisd.dht.lookup import Reply
 from qisd.dht.own import OwnPackets
-from qisd.dht.paging import MAX_BATCH, batches, verify_all
-from qisd.dht.traverse import FAILED, LookupState
+from qisd.dht.paging import batches
+from qisd.dht.search import PacketSearch
+from qisd.dht.traverse import LookupState
 from qisd.dht.wire import ID_BYTES
 from qisd.fingerprint import keys_for
-from qisd.packet import OutcomePacket, PacketError, check_admissible, packet_id
-from qisd.sketch import Sketch, cosine_many
+from qisd.packet import OutcomePacket, PacketError, check_admissible
+from qisd.sketch import Sketch
 
 if TYPE_CHECKING:
     from qisd.dht.node import DHTNode
 
 T = TypeVar("T")
 EXPIRED = "rejected:expired"
-#: A busy peer is asked this many times, after BUSY_BACKOFF, 2x, 4x... seconds.
-BUSY_RETRIES = 3
-BUSY_BACKOFF = 0.05
-
-
-class FindReply(NamedTuple):
-    nodes: list[Node]
-    packets: list[bytes]
-    more: bool
-    busy: bool
-
-
-def holders_among_closest(
-    state: LookupState, holders: set[bytes], *, here: Node | None = None
-) -> int:
-    """How many of the ``width`` closest live nodes ``state`` knows are in ``holders``.
-
-    ``here`` (this node, when its own store answered with packets) takes its place
-    among them by distance and counts as a holder if it is that close.
-    """
-    status = state.shortlist.status
-    window: list[tuple[int, bool]] = []
-    for distance, node_id in state.shortlist.order:
-        if status[node_id] == FAILED:
-            continue
-        window.append((distance, node_id in holders))
-        if len(window) == state.width:
-            break
-    if here is not None:
-        window.append((state.target.long_id ^ here.long_id, True))
-        window.sort()
-    return sum(held for _, held in window[: state.width])
-
-
 class PacketOps(Inbound):
     def __init__(self, node: DHTNode) -> None:
         super().__init__(node)
@@ -84,6 +48,8 @@ class PacketOps(Inbound):
         self.own = OwnPackets(node)
         #: Peers being checked (ping) after ignoring a packet RPC.
         self._classifying: set[tuple[str, int]] = set()
+        #: The query side: ids first, then the best packets.
+        self.search = PacketSearch(self)
 
     async def each_key(self, keys: Sequence[bytes], fn: Callable[[bytes], Awaitable[T]]) -> list[T]:
         """``fn(key)`` for every key, ``key_concurrency`` at a time, results in order."""
@@ -207,138 +173,7 @@ class PacketOps(Inbound):
     async def find_packets(
         self, keys: Sequence[bytes], query: Sketch, m: int
     ) -> list[tuple[float, OutcomePacket]]:
-        if not 1 <= m <= 10_000:
-            raise ValueError(f"find_packets: m must be in 1..10000, got {m}")
-        node = self.node
-        now_ms = node.wall_ms()
-        found: dict[bytes, tuple[float, OutcomePacket]] = {}
-        unverified: dict[bytes, bytes] = {}
-
-        async def one(key: bytes) -> None:
-            found_here: Sequence[tuple[float, OutcomePacket]] = ()
-            if node.store is not None and self.may_hold(key):
-                found_here = await node.in_thread(node.store.top, key, query, m, now_ms=now_ms)
-                for sim, packet in found_here:
-                    found[packet.id] = (float(sim), packet)
-            for raw in await self.lookup_packets(key, query, m, held_here=bool(found_here)):
-                pid = packet_id(raw)
-                if pid not in found:
-                    unverified.setdefault(pid, raw)
-
-        await self.each_key(keys, one)
-        fresh = [raw for pid, raw in unverified.items() if pid not in found]
-        if fresh:
-            checked = await node.in_thread(verify_all, fresh, node.manifest, now_ms=now_ms)
-            good = [p for p in checked if isinstance(p, OutcomePacket)]
-            if len(good) < len(checked):
-                node.counters.dropped["bad_packet"] += len(checked) - len(good)
-                node.counters.packet_statuses(
-                    f"rejected:{p.reason}" for p in checked if isinstance(p, PacketError)
-                )
-            if good:
-                sims = cosine_many(query, [p.sketch for p in good])
-                for packet, sim in zip(good, sims, strict=True):
-                    found[packet.id] = (float(sim), packet)
-        ranked = sorted(found.values(), key=lambda item: (-item[0], item[1].id))
-        return ranked[:m]
-
-    async def lookup_packets(
-        self, key: bytes, query: Sketch, m: int, *, held_here: bool = False
-    ) -> list[bytes]:
-        """FIND_PACKETS for one key: the encoded packets the responsible nodes hold.
-
-        Every replica of a key holds the same packets in a settled swarm, so asking
-        all ``replicas`` closest nodes (the lookup's natural end) returns the same
-        top ``m`` that many times over. The lookup stops instead once
-        ``find_holders`` (default 2) nodes have answered with at least one packet
-        *and* are, when the answer arrives, among the ``replicas`` closest live
-        nodes the lookup knows (this node too, when ``held_here``: its own store
-        answered with packets and it is that close). Their answers are unioned, and
-        each of them is paged to its own top ``m`` afterwards (``more``), so the
-        result misses a packet only if every counted holder lacks it: one stale or
-        partial replica (a fresh closest node that hand-off has not filled yet, a
-        replica that was down during a put) is covered by the other.
-
-        Why "among the closest known" and not just "any two holders": placement
-        stores at every node it asks (:meth:`place`), and old replicas keep their
-        copies until expiry, so nodes passed on the way to the key may hold an
-        extra, older or partial set. Such a node answers early (it is asked first)
-        but names closer nodes, which push it out of the window before it can
-        count; holders only count once the lookup has reached the key's
-        neighbourhood. A stricter "every node closer than the counted holders has
-        answered" would also wait for slow or in-flight closer replicas, which
-        costs latency and RPCs when answers arrive out of order, for no gain when
-        replicas agree. Here a replica still in flight keeps its place in the window
-        but is not waited for, and one that fails leaves it (the next closest takes
-        its place), so dead or slow replicas never block the stop.
-
-        With no holder in reach (nobody holds anything, or fewer than
-        ``find_holders`` replicas are up) the lookup runs to its normal end, as
-        before. Stopping cancels the requests still in flight
-        (:func:`~qisd.dht.lookup.iterate`); their late answers are dropped.
-        """
-        node, me = self.node, self.node.me
-        limit = min(m, MAX_BATCH)
-        wire_sketch = [query.dim, query.bits, query.data]
-        collected: list[bytes] = []
-        more_from: list[tuple[Node, int]] = []
-        holders: set[bytes] = set()
-        need = node.config.find_holders
-        here = me if held_here else None
-
-        async def find(peer: Node) -> Reply | None:
-            if node.stock_peers.has((peer.ip, peer.port), trio.current_time()):
-                return await node.find_node_reply(key, peer)
-            reply = await self.ask_find(peer, [me.id, key, wire_sketch, limit, 0])
-            if reply is None:
-                return None
-            return Reply(reply.nodes, payload=(reply.packets, reply.more))
-
-        def on_reply(peer: Node, reply: Reply) -> bool:
-            if reply.payload is not None:
-                packets, more = reply.payload
-                collected.extend(packets)
-                if more and 0 < len(packets) < m:
-                    more_from.append((peer, len(packets)))
-                if packets:
-                    holders.add(peer.id)
-            # Checked on every answer: closer nodes it names can push a holder out.
-            return len(holders) + held_here >= need and (
-                holders_among_closest(st, holders, here=here) >= need
-            )
-
-        width = max(1, self.node.replicas)
-        st = LookupState(key, node.seeds(key), width=width, exclude=[me.id])
-        await node.run_lookup(st, find, on_reply)
-
-        async def pages(peer: Node, got: int) -> None:
-            for _ in range(node.config.max_pages - 1):
-                want = min(m - got, MAX_BATCH)
-                reply = await self.ask_find(peer, [me.id, key, wire_sketch, want, got])
-                if reply is None:
-                    return
-                collected.extend(reply.packets)
-                got += len(reply.packets)
-                if not (reply.more and reply.packets and got < m):
-                    return
-
-        async with trio.open_nursery() as nursery:
-            for peer, got in more_from:
-                nursery.start_soon(pages, peer, got)
-        return collected
-
-    async def ask_find(self, peer: Node, args: list[Any]) -> FindReply | None:
-        """One ``find_packets`` call, asked again (with backoff) while the peer is busy."""
-        node = self.node
-        reply = None
-        for attempt in range(BUSY_RETRIES):
-            ok, result = await self.packet_call(peer, "find_packets", args)
-            reply = self.parse_find_reply(result) if ok else None
-            if reply is None or not reply.busy:
-                return reply
-            await trio.sleep(BUSY_BACKOFF * 2**attempt * (0.5 + node.rng.random()))
-        assert reply is not None
-        return FindReply(reply.nodes, [], False, True)
+        return await self.search.find_packets(keys, query, m)
 
     async def packet_call(self, peer: Node, name: str, args: list[Any]) -> tuple[bool, Any]:
         """A packet RPC. Silence from a peer not yet seen speaking them is checked with a
@@ -365,23 +200,6 @@ class PacketOps(Inbound):
                 node.stock_peers.add(addr, trio.current_time())
         finally:
             self._classifying.discard(addr)
-
-    def parse_find_reply(self, result: Any) -> FindReply | None:
-        node = self.node
-        if not isinstance(result, dict):
-            node.counters.dropped["bad_reply"] += 1
-            return None
-        nodes = node.parse_nodes("find_packets", result.get("nodes", []))
-        packets = result.get("packets", [])
-        cap = node.manifest.packet_max_bytes
-        if nodes is None or not (
-            isinstance(packets, list)
-            and len(packets) <= MAX_BATCH
-            and all(isinstance(p, bytes) and 0 < len(p) <= cap for p in packets)
-        ):
-            node.counters.dropped["bad_reply"] += 1
-            return None
-        return FindReply(nodes, packets, result.get("more") is True, result.get("busy") is True)
 
     # -- listen -------------------------------------------------------------------
 

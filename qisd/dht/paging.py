@@ -3,7 +3,10 @@
 A ``store_packets``/``notify`` request carries as many encoded packets as fit under
 :data:`~qisd.dht.wire.MAX_PAYLOAD` next to the RPC name and ids; a ``find_packets``
 reply carries the closer nodes plus as many of the best packets as fit, and says
-``more`` when the caller should ask for the next page (``offset``).
+``more`` when the caller should ask for the next page (``offset``). A
+``find_packet_ids`` reply carries ids and similarities instead (always fits), and a
+``get_packets`` reply as many of the asked packets as fit, ``more`` when some were
+left for the next call.
 """
 
 from __future__ import annotations
@@ -62,6 +65,35 @@ def find_reply(
         sims.append(float(sim))
     more = len(top) > len(packets)
     return {"nodes": nodes, "packets": packets, "sims": sims, "more": more}
+
+
+def find_ids_reply(
+    nodes: list[list[Any]], top: Sequence[tuple[float, bytes]], limit: int
+) -> dict[str, Any]:
+    """A ``find_packet_ids`` reply: ``nodes``, the best ``limit`` packet ids and their
+    sims, ``more``. ``top`` may hold one entry beyond ``limit``: there is more.
+    (64 ids and sims are ~1.7 KB: with 20 nodes it always fits one datagram.)"""
+    chosen = top[:limit]
+    return {
+        "nodes": nodes,
+        "ids": [pid for _, pid in chosen],
+        "sims": [float(sim) for sim, _ in chosen],
+        "more": len(top) > limit,
+    }
+
+
+def get_reply(raws: Sequence[bytes]) -> dict[str, Any]:
+    """A ``get_packets`` reply: the packets in the order asked, as many as fit;
+    ``more`` when the rest did not (the caller asks again for those)."""
+    budget = MAX_PAYLOAD - ENVELOPE
+    packets: list[bytes] = []
+    for data in raws:
+        size = _item_bytes(data)
+        if size > budget:
+            break
+        budget -= size
+        packets.append(data)
+    return {"packets": packets, "more": len(packets) < len(raws)}
 
 
 def verify_all(

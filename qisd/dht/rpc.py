@@ -16,6 +16,13 @@ Packet RPCs (qisd additions; stock nodes ignore them):
   {"nodes", "packets", "sims", "more"}``: the closer nodes, plus the best packets
   under ``key`` by cosine to the sketch from ``offset`` on, as many as fit
   (``"busy": true`` and no packets when overloaded: ask again).
+- ``find_packet_ids(nodeid, key, [dim, bits, sketch], limit, offset, contacts) ->
+  {"nodes", "ids", "sims", "more"}``: as ``find_packets`` with packet ids in place of
+  the packets (a query's first step: ranking costs the holders' CPU, not bytes), and
+  only the ``contacts`` closest nodes (a lookup of width w needs ~2w, not k).
+- ``get_packets(nodeid, [id...]) -> {"packets", "more"}``: the packets of those ids
+  held here (not expired), in the order asked, as many as fit; ``more`` when some
+  did not (ask again for the rest); a query's second step, for its best ids only.
 - ``listen(nodeid, key, ttl) -> granted_ttl``: push new packets under ``key`` to the
   caller until the ttl lapses (0: refused, a cap is reached).
 - ``notify(nodeid, key, [packet...]) -> [status...]``: new packets for a key this
@@ -51,6 +58,7 @@ from qisd.dht.ratelimit import source_key
 from qisd.dht.values import AddressMemory
 from qisd.dht.wire import (
     MAX_PAYLOAD,
+    MAX_REPLY_NODES,
     Address,
     WireError,
     bad,
@@ -60,6 +68,7 @@ from qisd.dht.wire import (
     integer,
     stock_value,
 )
+from qisd.packet import PACKET_ID_BYTES
 from qisd.sketch import FingerprintError, Sketch
 
 if TYPE_CHECKING:
@@ -98,6 +107,8 @@ class RpcServer:
             "find_value": self.find_value,
             "store_packets": self.store_packets,
             "find_packets": self.find_packets,
+            "find_packet_ids": self.find_packet_ids,
+            "get_packets": self.get_packets,
             "listen": self.listen,
             "notify": self.notify,
             "hello": self.hello,
@@ -132,11 +143,13 @@ class RpcServer:
             node.spawn(node.ping, addr)
         return contact
 
-    def _neighbors(self, key: bytes, sender: Node) -> list[list[Any]]:
+    def _neighbors(self, key: bytes, sender: Node, count: int | None = None) -> list[list[Any]]:
         # Exactly our find_neighbors(Node(key), exclude=sender), reading only the
-        # buckets that can hold the answer (qisd.dht.nearest).
+        # buckets that can hold the answer (qisd.dht.nearest); k of them unless fewer
+        # are asked for.
         table = self.node.table
-        found = nearest(table.buckets, int.from_bytes(key, "big"), table.ksize, exclude=sender)
+        k = table.ksize if count is None else min(count, table.ksize)
+        found = nearest(table.buckets, int.from_bytes(key, "big"), k, exclude=sender)
         return [[n.id, n.ip, n.port] for n in found]
 
     # -- base RPCs ----------------------------------------------------------------
@@ -263,18 +276,44 @@ class RpcServer:
     def find_packets(self, addr: Address, args: list[Any]) -> Any:
         rpc = "find_packets"
         check_arity(rpc, args, ("nodeid", "key", "query_sketch", "limit", "offset"))
+        return self._find(rpc, addr, args, None)
+
+    def find_packet_ids(self, addr: Address, args: list[Any]) -> Any:
+        rpc = "find_packet_ids"
+        check_arity(rpc, args, ("nodeid", "key", "query_sketch", "limit", "offset", "contacts"))
+        contacts = integer(rpc, "contacts", args[5], 1, MAX_REPLY_NODES)
+        return self._find(rpc, addr, args, contacts)
+
+    def _find(self, rpc: str, addr: Address, args: list[Any], contacts: int | None) -> Any:
         nodeid = id20(rpc, "nodeid", args[0])
         key = id20(rpc, "key", args[1])
         sketch = sketch_arg(rpc, args[2])
         limit = integer(rpc, "limit", args[3], 1, MAX_BATCH)
         offset = integer(rpc, "offset", args[4], 0, MAX_OFFSET)
-        nodes = self._neighbors(key, self._sender(addr, nodeid))
+        nodes = self._neighbors(key, self._sender(addr, nodeid), contacts)
         self._packet_peer(addr)
+        ids = contacts is not None
+        field = "ids" if ids else "packets"
         if not self.node.packets.may_hold(key):
-            return {"nodes": nodes, "packets": [], "sims": [], "more": False}
+            return {"nodes": nodes, field: [], "sims": [], "more": False}
         return Deferred(
-            partial(self.node.packets.serve_find, key, sketch, limit, offset, nodes),
-            busy={"nodes": nodes, "packets": [], "sims": [], "more": True, "busy": True},
+            partial(self.node.packets.serve_find, key, sketch, limit, offset, nodes, ids=ids),
+            busy={"nodes": nodes, field: [], "sims": [], "more": True, "busy": True},
+        )
+
+    def get_packets(self, addr: Address, args: list[Any]) -> Any:
+        rpc = "get_packets"
+        check_arity(rpc, args, ("nodeid", "ids"))
+        self._sender(addr, id20(rpc, "nodeid", args[0]))
+        ids = bytes_list(rpc, "ids", args[1], max_items=MAX_BATCH, max_bytes=PACKET_ID_BYTES)
+        if any(len(pid) != PACKET_ID_BYTES for pid in ids):
+            raise bad(rpc, "ids", f"must each be {PACKET_ID_BYTES} bytes")
+        self._packet_peer(addr)
+        if self.node.store is None:
+            return {"packets": [], "more": False}
+        return Deferred(
+            partial(self.node.packets.serve_get, ids),
+            busy={"packets": [], "more": True, "busy": True},
         )
 
     def listen(self, addr: Address, args: list[Any]) -> int:

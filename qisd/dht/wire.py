@@ -25,6 +25,8 @@ import msgpack
 REQUEST = 0x00
 RESPONSE = 0x01
 MSGID_BYTES = 20
+#: Largest node list accepted in a reply (stock nodes may run a larger k).
+MAX_REPLY_NODES = 64
 HEADER_BYTES = 1 + MSGID_BYTES
 #: Largest msgpack body (the limit rpcudp enforces when it sends).
 MAX_PAYLOAD = 8192

@@ -1,9 +1,9 @@
-"""A key's FIND_PACKETS lookup stops at ``find_holders`` holders (real UDP, 127.0.0.1).
+"""A key's FIND_PACKET_IDS lookup stops at ``find_holders`` holders (real UDP, 127.0.0.1).
 
 One swarm of ten stores and one store-less querier. The querier runs each lookup
 twice, once as before (``find_holders`` out of reach: every one of the ``replicas``
 closest nodes is asked) and once with the default early stop, and the test compares
-the find_packets requests sent, the bytes every node sent, and the results.
+the find_packet_ids requests sent, the bytes every node sent, and the results.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dht_helpers import Swarm, make_packet, member
 from kademlia.node import Node
 
 from qisd.dht import DHTConfig, DHTNode
-from qisd.dht.packets import holders_among_closest
+from qisd.dht.search import holders_among_closest
 from qisd.dht.traverse import LookupState
 from qisd.identity import Identity
 from qisd.manifest import DEFAULT_MANIFEST
@@ -34,7 +34,7 @@ FULL = 1_000_000
 
 
 class Meter:
-    """find_packets requests a node sends, and the bytes all nodes send meanwhile."""
+    """find_packet_ids requests a node sends, and the bytes all nodes send meanwhile."""
 
     def __init__(self, querier: DHTNode, nodes: Sequence[DHTNode]) -> None:
         self.nodes = [querier, *nodes]
@@ -43,7 +43,7 @@ class Meter:
         real = ops.packet_call
 
         async def counting(peer: Node, name: str, args: list[Any]) -> tuple[bool, Any]:
-            if name == "find_packets":
+            if name == "find_packet_ids":
                 self.requests += 1
             return await real(peer, name, args)
 
@@ -138,7 +138,9 @@ async def test_early_stop_bounds_rpcs_and_bytes_and_keeps_the_top_m(tmp_path: Pa
                     if m <= 12:
                         assert full_rpcs == replicas
                         assert rpcs <= alpha + 2 - 1
-                        assert sent <= 0.75 * full_bytes, (sent, full_bytes)
+                        # Answers carry ids, not packets, and the packets are fetched
+                        # once either way: a third fewer lookup RPCs, ~20% fewer bytes.
+                        assert sent <= 0.85 * full_bytes, (sent, full_bytes)
                     else:
                         assert rpcs < full_rpcs
 

@@ -119,6 +119,8 @@ GOOD_ARGS: dict[str, list[Any]] = {
     "find_value": [b"\x01" * 20, b"\x02" * 20],
     "store_packets": [b"\x01" * 20, b"\x02" * 20, [b"p"]],
     "find_packets": [b"\x01" * 20, b"\x02" * 20, [4, 8, b"\x01\x02\x03\x04"], 5, 0],
+    "find_packet_ids": [b"\x01" * 20, b"\x02" * 20, [4, 8, b"\x01\x02\x03\x04"], 5, 0, 12],
+    "get_packets": [b"\x01" * 20, [b"\x03" * 16]],
     "listen": [b"\x01" * 20, b"\x02" * 20, 60],
     "notify": [b"\x01" * 20, b"\x02" * 20, [b"p"]],
 }

@@ -156,4 +156,4 @@ async def test_mixed_swarm(tmp_path: Path) -> None:
                 assert (await stock("get", i=s3["i"], key="from-qisd"))["value"] == "v2"
     log = (tmp_path / "stock.log").read_text()
     # The stock nodes saw our packet RPCs, logged them and ignored them.
-    assert "has no callable method rpc_find_packets" in log
+    assert "has no callable method rpc_find_packet_ids" in log

@@ -40,7 +40,7 @@ from qisd.dht.ratelimit import RateLimits
 from qisd.dht.wire import MAX_DATAGRAM
 from qisd.identity import Identity
 from qisd.manifest import DEFAULT_MANIFEST
-from qisd.packet import KIND_SYNTHESIS
+from qisd.packet import KIND_SYNTHESIS, packet_id
 from qisd.store import PacketStore
 
 LONG = os.environ.get("QISD_LONG_FUZZ") == "1"
@@ -239,6 +239,12 @@ SKETCH = st.sampled_from(SKETCHES) | st.builds(
     st.binary(max_size=24),
 )
 PACKET_LIST = st.lists(mutated_packet(), min_size=1, max_size=5)
+#: Ids of stored packets, and any 16 (or other) bytes.
+PACKET_IDS = st.lists(
+    st.sampled_from([packet_id(p) for p in PACKETS]) | st.binary(min_size=15, max_size=17),
+    min_size=1,
+    max_size=70,
+)
 
 
 def valid_args(name: str, ids: NodeIds) -> st.SearchStrategy[list[Any]]:
@@ -251,6 +257,10 @@ def valid_args(name: str, ids: NodeIds) -> st.SearchStrategy[list[Any]]:
         "store_packets": st.tuples(ids, KEY, PACKET_LIST),
         "notify": st.tuples(ids, KEY, PACKET_LIST),
         "find_packets": st.tuples(ids, KEY, SKETCH, st.integers(1, 64), st.integers(0, 50)),
+        "find_packet_ids": st.tuples(
+            ids, KEY, SKETCH, st.integers(1, 64), st.integers(0, 50), st.integers(0, 70)
+        ),
+        "get_packets": st.tuples(ids, PACKET_IDS),
         "listen": st.tuples(ids, KEY, st.integers(1, 100_000)),
         "hello": st.tuples(ids, st.binary(min_size=32, max_size=32)),
         "store_value": st.tuples(
@@ -260,7 +270,7 @@ def valid_args(name: str, ids: NodeIds) -> st.SearchStrategy[list[Any]]:
 
 
 RPCS = ["ping", "stun", "store", "find_node", "find_value", "store_packets", "notify",
-        "find_packets", "listen", "hello", "store_value"]
+        "find_packets", "find_packet_ids", "get_packets", "listen", "hello", "store_value"]
 
 
 def frame(name: Any, args: Any) -> bytes:
@@ -390,6 +400,8 @@ def seed_corpus() -> list[tuple[int, bytes, tuple[str, int]]]:
         ("store_value", [me, KEYS[2], b"value", b""]),
     ]
     calls += [("find_packets", [me, KEYS[0], sk, 10, 0]) for sk in SKETCHES[:2]]
+    calls += [("find_packet_ids", [me, KEYS[0], sk, 10, 0, 12]) for sk in SKETCHES[:2]]
+    calls += [("get_packets", [me, [packet_id(p) for p in PACKETS[:8]]])]
     return [(which, frame(name, args), FRIEND_ADDR) for which in (0, 1) for name, args in calls]
 
 
@@ -401,7 +413,8 @@ def test_datagram_handler_fuzz(target: Target) -> None:
     for node in target.nodes:
         stats = target.run(_stats, node)
         assert stats.packets_accepted > 0
-        for rpc in ("store_packets", "find_packets", "find_node", "listen", "store_value"):
+        for rpc in ("store_packets", "find_packets", "find_packet_ids", "get_packets",
+                    "find_node", "listen", "store_value"):
             assert stats.rpcs.get((rpc, "in", "ok"), 0) > 0, (rpc, dict(stats.rpcs))
 
 

@@ -1,0 +1,377 @@
+"""Finding packets over the DHT: ids first, then only the best packets (trio).
+
+A query names many keys (multi-probe LSH: 32 by default) and wants the best ``m``
+packets over all of them. Every holder of a key ranks its bucket against the query
+sketch, and the same good packets sit under several of the probed keys and at
+several replicas of each. Moving the packets themselves in every answer moved each
+of the winners many times over (a query's traffic was ~3/4 packets). So a search
+runs in two steps, as a search engine's query-then-fetch:
+
+1. **Ids.** For each key, a FIND_PACKET_IDS lookup (width ``replicas``) collects the
+   ids and similarities the responsible nodes report, and stops once
+   ``find_holders`` of the ``replicas`` closest have answered with some (see
+   :meth:`PacketSearch.lookup_ids`); a node that says ``more`` is paged.
+2. **Packets.** The ids are ranked by the reported similarity together with the
+   packets this node holds itself; the packets of the best ``m`` not held here are
+   fetched with ``get_packets`` from nodes that reported them (fewest calls: ids
+   grouped by holder), verified, and ranked by the cosine computed here.
+
+A peer's similarity figure only chooses what to fetch; it is never trusted for the
+ranking: a fetched packet must hash to the id asked for and verify, and then takes
+its place by its own similarity. If that leaves the best ``m`` with ids not yet
+fetched (a holder lied about a figure, failed, or did not have the packet), the
+next round fetches those, from another reporting holder where one failed,
+up to :data:`FETCH_ROUNDS` rounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import trio
+from kademlia.node import Node
+
+from qisd.dht.lookup import Reply
+from qisd.dht.paging import MAX_BATCH, verify_all
+from qisd.dht.traverse import FAILED, LookupState
+from qisd.packet import PACKET_ID_BYTES, OutcomePacket, PacketError, packet_id
+from qisd.sketch import Sketch, cosine_many
+
+if TYPE_CHECKING:
+    from qisd.dht.packets import PacketOps
+
+#: A busy peer is asked this many times, after BUSY_BACKOFF, 2x, 4x... seconds.
+BUSY_RETRIES = 3
+BUSY_BACKOFF = 0.05
+#: Rounds of ``get_packets`` at most per search (the first fetches the best ids; the
+#: others only replace what failed or ranked lower than reported).
+FETCH_ROUNDS = 4
+
+
+class IdsReply(NamedTuple):
+    nodes: list[Node]
+    ids: list[bytes]
+    sims: list[float]
+    more: bool
+    busy: bool
+
+
+@dataclass
+class Offer:
+    """An id some nodes reported: the best similarity any of them gave, and who."""
+
+    sim: float
+    holders: list[Node] = field(default_factory=list)
+
+
+def holders_among_closest(
+    state: LookupState, holders: set[bytes], *, here: Node | None = None
+) -> int:
+    """How many of the ``width`` closest live nodes ``state`` knows are in ``holders``.
+
+    ``here`` (this node, when its own store answered with packets) takes its place
+    among them by distance and counts as a holder if it is that close.
+    """
+    status = state.shortlist.status
+    window: list[tuple[int, bool]] = []
+    for distance, node_id in state.shortlist.order:
+        if status[node_id] == FAILED:
+            continue
+        window.append((distance, node_id in holders))
+        if len(window) == state.width:
+            break
+    if here is not None:
+        window.append((state.target.long_id ^ here.long_id, True))
+        window.sort()
+    return sum(held for _, held in window[: state.width])
+
+
+def fetch_plan(
+    want: Sequence[bytes], offers: dict[bytes, Offer], tried: dict[bytes, set[bytes]]
+) -> dict[bytes, tuple[Node, list[bytes]]]:
+    """Which node to ask for which ids, by node id. An id not asked for before comes
+    from one node that reported it, the one that reported the most of ``want``
+    (fewest calls); an id a node already failed to return is asked of every other
+    node that reported it at once (a withholding holder costs one round, not one
+    per holder). Ids with no such node left are not planned."""
+    reach: dict[bytes, int] = defaultdict(int)
+    for pid in want:
+        for peer in offers[pid].holders:
+            reach[peer.id] += 1
+    plan: dict[bytes, tuple[Node, list[bytes]]] = {}
+    for pid in want:
+        choices = [p for p in offers[pid].holders if p.id not in tried[pid]]
+        if choices and not tried[pid]:
+            choices = [max(choices, key=lambda p: (reach[p.id], p.id))]
+        for peer in choices:
+            plan.setdefault(peer.id, (peer, []))[1].append(pid)
+    return plan
+
+
+class PacketSearch:
+    """The query side of the packet RPCs (see the module docstring)."""
+
+    def __init__(self, ops: PacketOps) -> None:
+        self.ops = ops
+        self.node = ops.node
+
+    async def find_packets(
+        self, keys: Sequence[bytes], query: Sketch, m: int
+    ) -> list[tuple[float, OutcomePacket]]:
+        if not 1 <= m <= 10_000:
+            raise ValueError(f"find_packets: m must be in 1..10000, got {m}")
+        node, ops = self.node, self.ops
+        now_ms = node.wall_ms()
+        found: dict[bytes, tuple[float, OutcomePacket]] = {}
+        offers: dict[bytes, Offer] = {}
+
+        async def one(key: bytes) -> None:
+            found_here: Sequence[tuple[float, OutcomePacket]] = ()
+            if node.store is not None and ops.may_hold(key):
+                found_here = await node.in_thread(node.store.top, key, query, m, now_ms=now_ms)
+                for sim, packet in found_here:
+                    found[packet.id] = (float(sim), packet)
+            for pid, sim, peer in await self.lookup_ids(key, query, m, held_here=bool(found_here)):
+                offer = offers.setdefault(pid, Offer(sim))
+                offer.sim = max(offer.sim, sim)
+                if all(h.id != peer.id for h in offer.holders):
+                    offer.holders.append(peer)
+
+        await ops.each_key(keys, one)
+        await self.fetch_best(found, offers, query, m, now_ms=now_ms)
+        ranked = sorted(found.values(), key=lambda item: (-item[0], item[1].id))
+        return ranked[:m]
+
+    async def fetch_best(
+        self,
+        found: dict[bytes, tuple[float, OutcomePacket]],
+        offers: dict[bytes, Offer],
+        query: Sketch,
+        m: int,
+        *,
+        now_ms: int,
+    ) -> None:
+        """Fetch into ``found`` the offered packets that rank among the best ``m``."""
+        node = self.node
+        tried: dict[bytes, set[bytes]] = defaultdict(set)
+        for _ in range(FETCH_ROUNDS):
+            while True:
+                ranking = [(sim, pid) for pid, (sim, _) in found.items()]
+                ranking += [(o.sim, pid) for pid, o in offers.items() if pid not in found]
+                ranking.sort(key=lambda item: (-item[0], item[1]))
+                want = [pid for _, pid in ranking[:m] if pid not in found]
+                plan = fetch_plan(want, offers, tried)
+                planned = {pid for _, ids in plan.values() for pid in ids}
+                gone = [pid for pid in want if pid not in planned]
+                if not gone:
+                    break
+                for pid in gone:
+                    del offers[pid]  # every node that reported it was asked: the next
+                    # best takes its place (ranked again, in this same round)
+            if not plan:
+                return
+            for peer, ids in plan.values():
+                for pid in ids:
+                    tried[pid].add(peer.id)
+            raws = await self.fetch(plan.values())
+            asked = {pid for _, ids in plan.values() for pid in ids}
+            # Only what was asked for: the id is the hash of the bytes, so a holder
+            # cannot pass off another packet as the one it reported.
+            fresh = list({pid: raw for raw in raws if (pid := packet_id(raw)) in asked}.values())
+            good: list[OutcomePacket] = []
+            if fresh:
+                checked = await node.in_thread(verify_all, fresh, node.manifest, now_ms=now_ms)
+                good = [p for p in checked if isinstance(p, OutcomePacket)]
+                if len(good) < len(checked):
+                    node.counters.dropped["bad_packet"] += len(checked) - len(good)
+                    node.counters.packet_statuses(
+                        f"rejected:{p.reason}" for p in checked if isinstance(p, PacketError)
+                    )
+            if good:
+                sims = cosine_many(query, [p.sketch for p in good])
+                for packet, sim in zip(good, sims, strict=True):
+                    found[packet.id] = (float(sim), packet)
+
+    async def fetch(self, plan: Iterable[tuple[Node, list[bytes]]]) -> list[bytes]:
+        """``get_packets`` from every node of the plan at once."""
+        raws: list[bytes] = []
+
+        async def get(peer: Node, ids: list[bytes]) -> None:
+            raws.extend(await self.get_packets(peer, ids))
+
+        async with trio.open_nursery() as nursery:
+            for peer, ids in plan:
+                nursery.start_soon(get, peer, ids)
+        return raws
+
+    async def lookup_ids(
+        self, key: bytes, query: Sketch, m: int, *, held_here: bool = False
+    ) -> list[tuple[bytes, float, Node]]:
+        """FIND_PACKET_IDS for one key: ``(id, similarity, holder)`` as the responsible
+        nodes report them.
+
+        Every replica of a key holds the same packets in a settled swarm, so asking
+        all ``replicas`` closest nodes (the lookup's natural end) returns the same
+        top ``m`` that many times over. The lookup stops instead once
+        ``find_holders`` (default 2) nodes have answered with at least one id *and*
+        are, when the answer arrives, among the ``replicas`` closest live nodes the
+        lookup knows (this node too, when ``held_here``: its own store answered
+        with packets and it is that close). Their answers are unioned, and each of
+        them is paged to its own top ``m`` afterwards (``more``), so the result
+        misses a packet only if every counted holder lacks it: one stale or
+        partial replica (a fresh closest node that hand-off has not filled yet, a
+        replica that was down during a put) is covered by the other.
+
+        Why "among the closest known" and not just "any two holders": placement
+        stores at every node it asks (:meth:`PacketOps.place`), and old replicas
+        keep their copies until expiry, so nodes passed on the way to the key may
+        hold an extra, older or partial set. Such a node answers early (it is asked
+        first) but names closer nodes, which push it out of the window before it
+        can count; holders only count once the lookup has reached the key's
+        neighbourhood. A stricter "every node closer than the counted holders has
+        answered" would also wait for slow or in-flight closer replicas, which
+        costs latency and RPCs when answers arrive out of order, for no gain when
+        replicas agree. Here a replica still in flight keeps its place in the
+        window but is not waited for, and one that fails leaves it (the next
+        closest takes its place), so dead or slow replicas never block the stop.
+
+        With no holder in reach (nobody holds anything, or fewer than
+        ``find_holders`` replicas are up) the lookup runs to its normal end. Stopping
+        cancels the requests still in flight (:func:`~qisd.dht.lookup.iterate`);
+        their late answers are dropped.
+        """
+        node, me = self.node, self.node.me
+        limit = min(m, MAX_BATCH)
+        wire_sketch = [query.dim, query.bits, query.data]
+        width = max(1, node.replicas)
+        # Contacts per answer: twice the width leaves the lookup room to replace
+        # nodes that fail, at well under half the bytes of k contacts.
+        contacts = min(2 * width, node.config.ksize)
+        collected: list[tuple[bytes, float, Node]] = []
+        more_from: list[tuple[Node, int]] = []
+        holders: set[bytes] = set()
+        need = node.config.find_holders
+        here = me if held_here else None
+
+        async def find(peer: Node) -> Reply | None:
+            if node.stock_peers.has((peer.ip, peer.port), trio.current_time()):
+                return await node.find_node_reply(key, peer)
+            reply = await self.ask_ids(peer, [me.id, key, wire_sketch, limit, 0, contacts])
+            if reply is None:
+                return None
+            return Reply(reply.nodes, payload=(reply.ids, reply.sims, reply.more))
+
+        def on_reply(peer: Node, reply: Reply) -> bool:
+            if reply.payload is not None:
+                ids, sims, more = reply.payload
+                collected.extend((pid, sim, peer) for pid, sim in zip(ids, sims, strict=True))
+                if more and 0 < len(ids) < m:
+                    more_from.append((peer, len(ids)))
+                if ids:
+                    holders.add(peer.id)
+            # Checked on every answer: closer nodes it names can push a holder out.
+            return len(holders) + held_here >= need and (
+                holders_among_closest(st, holders, here=here) >= need
+            )
+
+        st = LookupState(key, node.seeds(key), width=width, exclude=[me.id])
+        await node.run_lookup(st, find, on_reply)
+
+        async def pages(peer: Node, got: int) -> None:
+            for _ in range(node.config.max_pages - 1):
+                want = min(m - got, MAX_BATCH)
+                reply = await self.ask_ids(peer, [me.id, key, wire_sketch, want, got, contacts])
+                if reply is None:
+                    return
+                pairs = zip(reply.ids, reply.sims, strict=True)
+                collected.extend((pid, sim, peer) for pid, sim in pairs)
+                got += len(reply.ids)
+                if not (reply.more and reply.ids and got < m):
+                    return
+
+        async with trio.open_nursery() as nursery:
+            for peer, got in more_from:
+                nursery.start_soon(pages, peer, got)
+        return collected
+
+    async def ask_ids(self, peer: Node, args: list[Any]) -> IdsReply | None:
+        """One ``find_packet_ids`` call, asked again (with backoff) while the peer is busy."""
+        reply = None
+        for attempt in range(BUSY_RETRIES):
+            ok, result = await self.ops.packet_call(peer, "find_packet_ids", args)
+            reply = self.parse_ids_reply(result) if ok else None
+            if reply is None or not reply.busy:
+                return reply
+            await self.backoff(attempt)
+        assert reply is not None
+        return IdsReply(reply.nodes, [], [], False, True)
+
+    async def get_packets(self, peer: Node, ids: list[bytes]) -> list[bytes]:
+        """The encodings ``peer`` returns for ``ids`` (those it holds), asking again
+        for the rest while it says ``more`` (they did not fit) or ``busy``."""
+        node = self.node
+        out: list[bytes] = []
+        remaining = list(ids)
+        busy = 0
+        for _ in range(node.config.max_pages + BUSY_RETRIES):
+            if not remaining:
+                break
+            asked = remaining[:MAX_BATCH]
+            ok, result = await self.ops.packet_call(peer, "get_packets", [node.me.id, asked])
+            parsed = self.parse_get_reply(result) if ok else None
+            if parsed is None:
+                break
+            packets, more, is_busy = parsed
+            if is_busy:
+                busy += 1
+                if busy >= BUSY_RETRIES:
+                    break
+                await self.backoff(busy - 1)
+                continue
+            out.extend(packets)
+            if more and not packets:
+                break
+            # Without ``more`` the asked ids it did not return are not held there.
+            done = {packet_id(raw) for raw in packets} if more else set(asked)
+            remaining = [pid for pid in remaining if pid not in done]
+        return out
+
+    async def backoff(self, attempt: int) -> None:
+        await trio.sleep(BUSY_BACKOFF * 2**attempt * (0.5 + self.node.rng.random()))
+
+    def parse_ids_reply(self, result: Any) -> IdsReply | None:
+        node = self.node
+        if not isinstance(result, dict):
+            node.counters.dropped["bad_reply"] += 1
+            return None
+        nodes = node.parse_nodes("find_packet_ids", result.get("nodes", []))
+        ids = result.get("ids", [])
+        sims = result.get("sims", [])
+        if nodes is None or not (
+            isinstance(ids, list)
+            and isinstance(sims, list)
+            and len(ids) == len(sims) <= MAX_BATCH
+            and all(isinstance(p, bytes) and len(p) == PACKET_ID_BYTES for p in ids)
+            and all(type(s) is float and math.isfinite(s) for s in sims)
+        ):
+            node.counters.dropped["bad_reply"] += 1
+            return None
+        return IdsReply(nodes, ids, sims, result.get("more") is True, result.get("busy") is True)
+
+    def parse_get_reply(self, result: Any) -> tuple[list[bytes], bool, bool] | None:
+        node = self.node
+        packets = result.get("packets") if isinstance(result, dict) else None
+        cap = node.manifest.packet_max_bytes
+        if not (
+            isinstance(packets, list)
+            and len(packets) <= MAX_BATCH
+            and all(isinstance(p, bytes) and 0 < len(p) <= cap for p in packets)
+        ):
+            node.counters.dropped["bad_reply"] += 1
+            return None
+        assert isinstance(result, dict)
+        return packets, result.get("more") is True, result.get("busy") is True

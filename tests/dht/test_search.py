@@ -1,0 +1,175 @@
+"""A search fetches ids first, then only the best packets (real UDP, 127.0.0.1).
+
+One swarm of eight stores and one store-less querier, every packet of a key at its
+``replicas`` closest nodes. The querier's ``packet_call`` is wrapped to see what it
+asks for; the holders' serving methods are wrapped to make them lie or withhold.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+from dht_helpers import Swarm, make_packet, member
+from kademlia.node import Node
+
+from qisd.dht import DHTConfig, DHTNode
+from qisd.dht.paging import get_reply
+from qisd.dht.wire import MAX_PAYLOAD
+from qisd.identity import Identity
+from qisd.manifest import DEFAULT_MANIFEST
+from qisd.packet import OutcomePacket
+from qisd.sketch import Sketch, cosine
+
+N = 8
+CONFIG = DHTConfig(rpc_timeout=0.5)
+
+
+class Calls:
+    """What the querier asked: ``get_packets`` calls and the ids in them."""
+
+    def __init__(self, querier: DHTNode) -> None:
+        self.gets = 0
+        self.ids_asked: list[bytes] = []
+        ops = querier.packets
+        real = ops.packet_call
+
+        async def counting(peer: Node, name: str, args: list[Any]) -> tuple[bool, Any]:
+            if name == "get_packets":
+                self.gets += 1
+                self.ids_asked += args[1]
+            return await real(peer, name, args)
+
+        ops.packet_call = counting  # type: ignore[method-assign]
+
+
+@asynccontextmanager
+async def swarm_with(
+    tmp: Path, packets: list[OutcomePacket], key: bytes
+) -> AsyncIterator[tuple[Swarm, DHTNode]]:
+    async with trio.open_nursery() as nursery:
+        swarm = Swarm(nursery, tmp, config=CONFIG)
+        first = await swarm.start(0)
+        for i in range(1, N):
+            await (await swarm.start(i)).node.bootstrap([first.node.address])
+        for m in swarm.members.values():
+            await m.node.bootstrap([first.node.address])
+        report = await first.node.packets.place(key, packets)
+        assert report.stored == DEFAULT_MANIFEST.replicas
+        async with member(Identity.generate(), None, config=CONFIG) as q:
+            await q.node.bootstrap([first.node.address])
+            yield swarm, q.node
+        nursery.cancel_scope.cancel()
+
+
+def truth(packets: list[OutcomePacket], query: Sketch) -> list[bytes]:
+    """Every packet id, best first (ties by id), as the search must rank them."""
+    ranked = sorted(packets, key=lambda p: (-cosine(query, p.sketch), p.id))
+    return [p.id for p in ranked]
+
+
+async def test_only_the_best_packets_cross_once(tmp_path: Path) -> None:
+    rng = random.Random(1)
+    origin, key = Identity.generate(), rng.randbytes(20)
+    packets = [make_packet(origin, rng) for _ in range(30)]
+    query = make_packet(origin, rng).sketch
+    with trio.fail_after(60):
+        async with swarm_with(tmp_path, packets, key) as (_, q):
+            calls = Calls(q)
+            found = await q.find_packets([key], query, 5)
+            assert [p.id for _, p in found] == truth(packets, query)[:5]
+            assert all(abs(s - cosine(query, p.sketch)) < 1e-9 for s, p in found)
+            # Two holders reported the same five ids: each fetched once, in one call.
+            assert sorted(calls.ids_asked) == sorted(p.id for _, p in found)
+            assert calls.gets == 1
+
+
+async def test_a_holder_that_overstates_a_packet_does_not_rank_it(tmp_path: Path) -> None:
+    """Every holder reports its worst packet as a perfect match, on top of its honest
+    top five: it is fetched, ranked by its own cosine (last), and the fifth best,
+    pushed out of the first round by it, is fetched in a second."""
+    rng = random.Random(2)
+    origin, key = Identity.generate(), rng.randbytes(20)
+    packets = [make_packet(origin, rng) for _ in range(30)]
+    query = make_packet(origin, rng).sketch
+    order = truth(packets, query)
+    worst = order[-1]
+    with trio.fail_after(60):
+        async with swarm_with(tmp_path, packets, key) as (swarm, q):
+            for m in swarm.members.values():
+                ops = m.node.packets
+                real = ops.serve_find
+
+                async def lying(*args: Any, _real: Any = real, **kw: Any) -> dict[str, Any]:
+                    reply: dict[str, Any] = await _real(*args, **kw)
+                    if reply.get("ids"):
+                        reply["ids"] = [worst, *reply["ids"]]
+                        reply["sims"] = [1.0, *reply["sims"]]
+                    return reply
+
+                ops.serve_find = lying  # type: ignore[method-assign]
+            calls = Calls(q)
+            found = await q.find_packets([key], query, 5)
+            assert [p.id for _, p in found] == order[:5]
+            assert worst in calls.ids_asked and calls.gets == 2
+
+
+async def test_a_packet_no_holder_returns_is_left_out_after_one_retry(tmp_path: Path) -> None:
+    """The best packet is reported but every holder withholds it: one holder is
+    asked, then all the others that reported it at once; then it is left out and
+    the other four stand (the holders reported their top five: nobody named a
+    sixth)."""
+    rng = random.Random(3)
+    origin, key = Identity.generate(), rng.randbytes(20)
+    packets = [make_packet(origin, rng) for _ in range(30)]
+    query = make_packet(origin, rng).sketch
+    order = truth(packets, query)
+    best = order[0]
+    with trio.fail_after(60):
+        async with swarm_with(tmp_path, packets, key) as (swarm, q):
+            for m in swarm.members.values():
+                ops = m.node.packets
+                real = ops.serve_get
+
+                async def withholding(ids: list[bytes], _real: Any = real) -> dict[str, Any]:
+                    reply: dict[str, Any] = await _real([i for i in ids if i != best])
+                    return reply
+
+                ops.serve_get = withholding  # type: ignore[method-assign]
+            calls = Calls(q)
+            found = await q.find_packets([key], query, 5)
+            assert [p.id for _, p in found] == order[1:5]
+            # Asked of each holder that reported it (at least find_holders), once.
+            asked = calls.ids_asked.count(best)
+            assert CONFIG.find_holders <= asked <= DEFAULT_MANIFEST.replicas
+            assert calls.gets == 1 + (asked - 1)
+
+
+async def test_more_packets_than_a_datagram_holds_come_in_several_calls(
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(4)
+    origin, key = Identity.generate(), rng.randbytes(20)
+    packets = [make_packet(origin, rng) for _ in range(60)]
+    query = make_packet(origin, rng).sketch
+    size = sum(len(p.encoded) for p in packets[:40])
+    assert size > MAX_PAYLOAD  # forty of them do not fit one reply
+    with trio.fail_after(60):
+        async with swarm_with(tmp_path, packets, key) as (_, q):
+            calls = Calls(q)
+            found = await q.find_packets([key], query, 40)
+            assert [p.id for _, p in found] == truth(packets, query)[:40]
+            assert calls.gets >= 2
+            assert len(set(calls.ids_asked)) == 40
+
+
+def test_get_reply_keeps_the_order_asked_and_says_more() -> None:
+    raws = [bytes([i]) * 1000 for i in range(12)]
+    reply = get_reply(raws)
+    assert reply["packets"] == raws[: len(reply["packets"])]
+    assert 0 < len(reply["packets"]) < 12 and reply["more"] is True
+    assert get_reply(raws[:3]) == {"packets": raws[:3], "more": False}
