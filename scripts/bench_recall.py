@@ -306,7 +306,7 @@ async def measure_swarm(data: Prepared, *, tables: int, bits: int, budgets: Sequ
             for j, ((unit, sketch), want) in enumerate(zip(data.queries, data.truth,
                                                            strict=True)):
                 node = swarm[j % nodes]
-                # NodeService.query: probe keys best first, then FIND_PACKETS for m=k.
+                # NodeService.query: probe keys best first, then find_packets for m=k.
                 keys = probe_keys(manifest, TOPIC, unit, budget)
                 before = [n.statistics() for n in swarm]
                 t0 = time.perf_counter()

@@ -10,7 +10,7 @@ mix. Eight sites are tiny (n = 1, 1, 5, 5, 10, 10, 20, 20); twelve share the res
 Every site runs its own qisd node: a DHT node from ``open_node`` on 127.0.0.1 (real
 UDP, one SQLite store each, all 20 in one trio run) with the daemon's own
 ``NodeService`` on top, so emits and queries take exactly the daemon's code path
-(``NodeService.emit_many`` and ``NodeService.query``: probe keys, FIND_PACKETS over
+(``NodeService.emit_many`` and ``NodeService.query``: probe keys, ``find_packets`` over
 the DHT, ``answer_query``) without the control socket. Fingerprints are the
 standardised feature vectors (the standardisation is part of the shared fingerprint
 function; here it uses the pooled training means and sds, as a published reference
