@@ -7,7 +7,7 @@ held to the same rules as one loaded from a file.
 
 A problem line always names the key, where the value came from (when known), what
 was expected and the value as the user wrote it, e.g.
-``QISD_DHT_KSIZE: dht.ksize: expected an integer from 1 to 256, got "x"``.
+``QISD_DHT_KSIZE: dht.ksize: expected an integer from 1 to 64, got "x"``.
 """
 
 from __future__ import annotations
@@ -202,7 +202,9 @@ RULES: dict[str, Rule] = {
     "node.socket": Rule("a socket path, or '' for automatic", lambda v: v),
     "node.manifest": Rule("a manifest file path, or '' for the default swarm", lambda v: v),
     "metrics.listen": _address(allow_off=True),
-    "dht.ksize": _ints(1, 256),
+    # A reply names at most k contacts, and peers accept at most 64 (which fit one
+    # datagram even as IPv6): a larger k would answer with lists nobody takes.
+    "dht.ksize": _ints(1, 64),
     "dht.alpha": _ints(1, 64),
     "dht.rpc_timeout": _SECONDS,
     "dht.rpc_retries": _ints(0, 10),

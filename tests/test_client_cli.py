@@ -532,7 +532,7 @@ def test_bootstrap_that_reached_no_peer_fails_naming_the_addresses(failed: bool)
         as_json = run("bootstrap", "10.0.0.5:4470", "--socket", str(path), "--json")
     assert table.exit_code == 1
     detail = " (no answer within 5s)" if failed else ""
-    assert table.stderr == (f"error: no bootstrap peer answered: 10.0.0.5:4470{detail},"
+    assert table.stderr == (f"error: joined no swarm through: 10.0.0.5:4470{detail},"
                             f" nowhere.invalid:4470{detail}\n")
     assert as_json.exit_code == 1
     out = json.loads(as_json.stdout)

@@ -249,8 +249,8 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("line", "key", "expected"),
     [
-        ('[dht]\nksize = "20"', "dht.ksize", "an integer from 1 to 256"),
-        ("[dht]\nksize = 0", "dht.ksize", "an integer from 1 to 256"),
+        ('[dht]\nksize = "20"', "dht.ksize", "an integer from 1 to 64"),
+        ("[dht]\nksize = 0", "dht.ksize", "an integer from 1 to 64"),
         ("[dht]\nksize = 2.0", "dht.ksize", "an integer"),
         ("[dht]\nalpha = true", "dht.alpha", "an integer"),
         ("[dht]\nrpc_timeout = 0", "dht.rpc_timeout", "seconds > 0"),
@@ -339,7 +339,7 @@ def test_sections_validate_and_normalise_when_built_in_code() -> None:
     node = NodeConfig(bootstrap=["a:1"])  # type: ignore[arg-type]
     assert node.bootstrap == ("a:1",)
     assert DhtConfig(rpc_timeout=1).rpc_timeout == 1.0
-    with pytest.raises(ConfigError, match=r"^dht\.ksize: expected an integer from 1 to 256"):
+    with pytest.raises(ConfigError, match=r"^dht\.ksize: expected an integer from 1 to 64"):
         DhtConfig(ksize=0)
     with pytest.raises(ConfigError, match=r"dht\.alpha: expected at most dht\.ksize"):
         DhtConfig(ksize=2, alpha=3)

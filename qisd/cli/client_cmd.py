@@ -275,7 +275,7 @@ def bootstrap(
 ) -> None:
     """Join a swarm through one or more running nodes.
 
-    Fails (exit 1) when none of them answered.
+    Fails (exit 1) when none of them could be joined through, saying why for each.
     """
     checked = [_hostport(a) for a in addresses]
     with _connected(socket, as_json) as client:
@@ -283,7 +283,7 @@ def bootstrap(
     reasons = _bootstrap_failures(result)
     if result.get("contacted") == 0:
         tried = ", ".join(f"{a} ({reasons[a]})" if a in reasons else a for a in checked)
-        fail = Failure("unreachable", f"no bootstrap peer answered: {tried}")
+        fail = Failure("unreachable", f"joined no swarm through: {tried}")
         if not as_json:
             echo(render.key_values(_without_failed(result)))
         _fail(fail, as_json, extra=result)

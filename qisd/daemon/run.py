@@ -219,14 +219,15 @@ async def _bootstrap_forever(
     delay, cap = BOOTSTRAP_BACKOFF
     while True:
         if len(node.table) == 0:
-            found = await node.bootstrap(list(addrs))
+            found, failed = await node.join(list(addrs))
+            why = {format_hostport(h, p): reason for (h, p), reason in failed.items()}
             if found:
                 service.last_bootstrap = time.time()
-                log.info("bootstrapped", peers=len(node.table), via=len(found))
+                log.info("bootstrapped", peers=len(node.table), via=len(found),
+                         **({"failed": why} if why else {}))
                 delay = BOOTSTRAP_BACKOFF[0]
             else:
-                log.warning("bootstrap peers not answering", retry_in=delay,
-                            peers=[f"{h}:{p}" for h, p in addrs])
+                log.warning("bootstrap found no peer", retry_in=delay, failed=why)
                 await trio.sleep(delay)
                 delay = min(cap, delay * 2)
                 continue

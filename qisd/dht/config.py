@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from qisd.dht.ratelimit import RateLimits
 from qisd.dht.routing import SubnetPolicy
+from qisd.dht.wire import MAX_REPLY_NODES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,3 +69,8 @@ class DHTConfig:
                 raise ValueError(f"dht config: {f.name} must be > 0, got {value}")
         if self.alpha > self.ksize:
             raise ValueError("dht config: alpha must not exceed ksize")
+        if self.ksize > MAX_REPLY_NODES:
+            raise ValueError(
+                f"dht config: ksize must be at most {MAX_REPLY_NODES} (the longest node "
+                "list peers accept in a reply)"
+            )

@@ -115,9 +115,23 @@ def check_proof(
         raise HelloError(ID_MISMATCH, "the peer's node id is not SHA-1 of its public key")
     if not manifest.is_member(public_key):
         raise HelloError(NOT_MEMBER, "the peer's key is not a member of this closed swarm")
-    message = hello_message(manifest.swarm_id, verifier_id, nonce, prover_id)
+    if not signed_for(public_key, signature, manifest.swarm_id, verifier_id, nonce, prover_id):
+        raise HelloError(BAD_PROOF, "the hello signature does not verify")
+    return bytes(public_key)
+
+
+def signed_for(
+    public_key: bytes,
+    signature: bytes,
+    swarm_id: bytes,
+    verifier_id: bytes,
+    nonce: bytes,
+    prover_id: bytes,
+) -> bool:
+    """Whether ``signature`` by ``public_key`` is a hello proof for ``swarm_id``."""
+    message = hello_message(swarm_id, verifier_id, nonce, prover_id)
     try:
         nacl.bindings.crypto_sign_open(signature + message, public_key)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
-        raise HelloError(BAD_PROOF, "the hello signature does not verify") from None
-    return bytes(public_key)
+        return False
+    return True

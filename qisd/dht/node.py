@@ -27,6 +27,7 @@ from qisd.dht import maintenance, state, stock
 from qisd.dht.admission import Admission
 from qisd.dht.api import Delivery, Identity, PacketStore, PutReport
 from qisd.dht.config import DHTConfig
+from qisd.dht.diagnose import swarm_problem
 from qisd.dht.lookup import LookupStats, Reply, iterate
 from qisd.dht.packets import PacketOps
 from qisd.dht.peerkind import PeerKinds
@@ -85,6 +86,8 @@ class DHTNode:
         #: Peers seen speaking the packet RPCs, and peers that ignored them.
         self.packet_peers = AddressMemory(ttl=3600.0)
         self.stock_peers = AddressMemory(ttl=600.0)
+        #: Bootstrap peers found to run another swarm: kept out of the routing table.
+        self.other_swarm = AddressMemory(max_items=256, ttl=600.0)
         #: Peers that recently failed to answer (see ``DHTConfig.failure_backoff``).
         self.failed_peers = AddressMemory(ttl=config.failure_backoff)
         #: Closed swarms: who has proven membership (see qisd.dht.admission).
@@ -109,7 +112,8 @@ class DHTNode:
         self.thread_limiter = trio.CapacityLimiter(config.store_threads)
         self.state_file = state_dir / state.FILE_NAME if state_dir is not None else None
         self._v6 = ":" in host
-        self._dual = endpoint.dual_stack
+        #: One socket for IPv4 and IPv6 peers (bound to ``::``; see qisd.dht.udp).
+        self.dual_stack = endpoint.dual_stack
         self._pinging: set[bytes] = set()
         self._nursery: trio.Nursery | None = None
 
@@ -175,11 +179,13 @@ class DHTNode:
 
     def reachable(self, ip: str | None) -> bool:
         """Only contacts of our socket's address family (or both, dual-stack) can be reached."""
-        return ip is not None and (self._dual or (":" in ip) == self._v6)
+        return ip is not None and (self.dual_stack or (":" in ip) == self._v6)
 
     def welcome(self, contact: Node) -> None:
         """``contact`` sent or answered something: record it (paper 2.2, 2.5)."""
         if contact.id == self.me.id or not self.reachable(contact.ip):
+            return
+        if self.other_swarm.has((contact.ip, contact.port), trio.current_time()):
             return
         if not self.admission.admitted(contact):
             self.admission.request(contact)  # welcomed again once it proves its key
@@ -320,14 +326,24 @@ class DHTNode:
     async def join(
         self, addrs: Iterable[tuple[str, int]]
     ) -> tuple[list[Node], dict[tuple[str, int], str]]:
-        """:meth:`bootstrap`, also saying why each address that failed did."""
+        """:meth:`bootstrap`, also saying why each address that failed did: not
+        resolvable, no answer, or of no use (another swarm; see
+        :mod:`qisd.dht.diagnose`)."""
         failed: dict[tuple[str, int], str] = {}
 
         async def contact(host: str, port: int) -> None:
             addr = await self._resolve(host, port)
             if isinstance(addr, str):
                 failed[host, port] = addr
-            elif await self.ping(addr) is None:
+                return
+            peer = await self.ping(addr)
+            problem = await swarm_problem(self, addr, peer.id if peer else None)
+            if problem is not None:
+                if peer is not None:  # of no use as a route: out of the table, and kept out
+                    self.other_swarm.add(addr, trio.current_time())
+                    self.table.remove_contact(peer)
+                failed[host, port] = problem
+            elif peer is None:
                 failed[host, port] = "no answer"
 
         async with trio.open_nursery() as nursery:
@@ -338,7 +354,7 @@ class DHTNode:
 
     async def _resolve(self, host: str, port: int) -> Address | str:
         """The address to send to, or why there is none."""
-        mine = "IPv4 or IPv6" if self._dual else "IPv6" if self._v6 else "IPv4"
+        mine = "IPv4 or IPv6" if self.dual_stack else "IPv6" if self._v6 else "IPv4"
         try:
             ip = normalize_ip(host)
         except ValueError:
@@ -349,7 +365,7 @@ class DHTNode:
             return ip, port
         family = (
             trio.socket.AF_UNSPEC
-            if self._dual
+            if self.dual_stack
             else trio.socket.AF_INET6 if self._v6 else trio.socket.AF_INET
         )
         try:
@@ -358,7 +374,7 @@ class DHTNode:
             log.warning("bootstrap address does not resolve", host=host, port=port, error=str(exc))
             return f"does not resolve to an {mine} address ({exc.strerror or exc})"
         sockaddr = infos[0][4]
-        return str(sockaddr[0]), int(sockaddr[1])
+        return normalize_ip(str(sockaddr[0])), int(sockaddr[1])
 
     # -- stock values (see qisd.dht.stock) ---------------------------------------
 

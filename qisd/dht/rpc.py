@@ -147,9 +147,18 @@ class RpcServer:
         # Exactly our find_neighbors(Node(key), exclude=sender), reading only the
         # buckets that can hold the answer (qisd.dht.nearest); k of them unless fewer
         # are asked for.
+        # A dual-stack node's table holds both families; the sender can only use
+        # contacts of the family it reached us over (how it sees the network), so
+        # only those are named (from twice as many nearest, to fill the answer).
         table = self.node.table
         k = table.ksize if count is None else min(count, table.ksize)
-        found = nearest(table.buckets, int.from_bytes(key, "big"), k, exclude=sender)
+        target = int.from_bytes(key, "big")
+        if not self.node.dual_stack:
+            found = nearest(table.buckets, target, k, exclude=sender)
+        else:
+            v6 = ":" in sender.ip
+            both = nearest(table.buckets, target, 2 * k, exclude=sender)
+            found = [n for n in both if (":" in n.ip) == v6][:k]
         return [[n.id, n.ip, n.port] for n in found]
 
     # -- base RPCs ----------------------------------------------------------------

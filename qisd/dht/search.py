@@ -18,18 +18,22 @@ runs in two steps, as a search engine's query-then-fetch:
 
 A peer's similarity figure only chooses what to fetch; it is never trusted for the
 ranking: a fetched packet must hash to the id asked for and verify, and then takes
-its place by its own similarity. If that leaves the best ``m`` with ids not yet
-fetched (a holder lied about a figure, failed, or did not have the packet), the
-next round fetches those, from another reporting holder where one failed,
-up to :data:`FETCH_ROUNDS` rounds.
+its place by its own similarity (a figure outside [-1, 1] makes the whole answer
+bad). A node that did not return an id it was asked for, returned one that does not
+verify, or overstated any fetched packet's similarity is dropped with everything it
+reported, and the next round fetches what then ranks among the best ``m``: an id
+whose node failed from all the other nodes that reported it at once. So one lying or
+withholding node costs a round, not the answer; rounds with nobody caught out are
+capped at :data:`FETCH_ROUNDS`.
+
+``find_packet_ids`` and ``get_packets`` are this protocol's query RPCs: a node of a
+build without them does not answer them, so a swarm upgrades to them together.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
@@ -47,9 +51,16 @@ if TYPE_CHECKING:
 #: A busy peer is asked this many times, after BUSY_BACKOFF, 2x, 4x... seconds.
 BUSY_RETRIES = 3
 BUSY_BACKOFF = 0.05
-#: Rounds of ``get_packets`` at most per search (the first fetches the best ids; the
-#: others only replace what failed or ranked lower than reported).
+#: Rounds of ``get_packets`` per search in which no node was caught out (the first
+#: fetches the best ids; the others replace what failed or ranked lower than
+#: reported). A round that catches a node lying, withholding or failing does not
+#: count: every such node is dropped, so those rounds are bounded by the nodes.
 FETCH_ROUNDS = 4
+#: How far a node's similarity figure may exceed the cosine computed here (both
+#: are float64 over the same quantized sketches; they differ in the last bits).
+SIM_SLACK = 1e-4
+#: A reported similarity outside [-MAX_SIM, MAX_SIM] is no cosine: the answer is bad.
+MAX_SIM = 1.0 + SIM_SLACK
 
 
 class IdsReply(NamedTuple):
@@ -60,12 +71,39 @@ class IdsReply(NamedTuple):
     busy: bool
 
 
-@dataclass
-class Offer:
-    """An id some nodes reported: the best similarity any of them gave, and who."""
+class Offers:
+    """Ids nodes reported, with each node's similarity figure for each."""
 
-    sim: float
-    holders: list[Node] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.reports: dict[bytes, dict[bytes, float]] = {}
+        self.peers: dict[bytes, Node] = {}
+
+    def add(self, pid: bytes, sim: float, peer: Node) -> None:
+        self.peers[peer.id] = peer
+        reports = self.reports.setdefault(pid, {})
+        reports[peer.id] = max(sim, reports.get(peer.id, -1.0))
+
+    def sim(self, pid: bytes) -> float:
+        """The best figure any node still trusted gave for ``pid``."""
+        return max(self.reports[pid].values())
+
+    def holders(self, pid: bytes) -> list[Node]:
+        return [self.peers[peer_id] for peer_id in self.reports[pid]]
+
+    def drop(self, pid: bytes) -> None:
+        del self.reports[pid]
+
+    def drop_peer(self, peer_id: bytes) -> None:
+        """Forget everything ``peer_id`` reported (it lied, withheld or failed); ids
+        only it reported go with it."""
+        for pid in [pid for pid, r in self.reports.items() if peer_id in r]:
+            del self.reports[pid][peer_id]
+            if not self.reports[pid]:
+                del self.reports[pid]
+
+    def overstated(self, pid: bytes, sim: float) -> list[bytes]:
+        """Nodes whose figure for ``pid`` is above ``sim`` (its cosine here)."""
+        return [peer_id for peer_id, s in self.reports.get(pid, {}).items() if s > sim + SIM_SLACK]
 
 
 def holders_among_closest(
@@ -91,20 +129,20 @@ def holders_among_closest(
 
 
 def fetch_plan(
-    want: Sequence[bytes], offers: dict[bytes, Offer], tried: dict[bytes, set[bytes]]
+    want: Sequence[bytes], offers: Offers, tried: dict[bytes, set[bytes]]
 ) -> dict[bytes, tuple[Node, list[bytes]]]:
     """Which node to ask for which ids, by node id. An id not asked for before comes
     from one node that reported it, the one that reported the most of ``want``
-    (fewest calls); an id a node already failed to return is asked of every other
-    node that reported it at once (a withholding holder costs one round, not one
-    per holder). Ids with no such node left are not planned."""
+    (fewest calls); an id asked for before (its node failed, and was dropped) is
+    asked of every other node that reported it at once. Ids with no such node left
+    are not planned."""
     reach: dict[bytes, int] = defaultdict(int)
     for pid in want:
-        for peer in offers[pid].holders:
-            reach[peer.id] += 1
+        for peer_id in offers.reports[pid]:
+            reach[peer_id] += 1
     plan: dict[bytes, tuple[Node, list[bytes]]] = {}
     for pid in want:
-        choices = [p for p in offers[pid].holders if p.id not in tried[pid]]
+        choices = [p for p in offers.holders(pid) if p.id not in tried[pid]]
         if choices and not tried[pid]:
             choices = [max(choices, key=lambda p: (reach[p.id], p.id))]
         for peer in choices:
@@ -127,7 +165,7 @@ class PacketSearch:
         node, ops = self.node, self.ops
         now_ms = node.wall_ms()
         found: dict[bytes, tuple[float, OutcomePacket]] = {}
-        offers: dict[bytes, Offer] = {}
+        offers = Offers()
 
         async def one(key: bytes) -> None:
             found_here: Sequence[tuple[float, OutcomePacket]] = ()
@@ -136,10 +174,7 @@ class PacketSearch:
                 for sim, packet in found_here:
                     found[packet.id] = (float(sim), packet)
             for pid, sim, peer in await self.lookup_ids(key, query, m, held_here=bool(found_here)):
-                offer = offers.setdefault(pid, Offer(sim))
-                offer.sim = max(offer.sim, sim)
-                if all(h.id != peer.id for h in offer.holders):
-                    offer.holders.append(peer)
+                offers.add(pid, sim, peer)
 
         await ops.each_key(keys, one)
         await self.fetch_best(found, offers, query, m, now_ms=now_ms)
@@ -149,19 +184,25 @@ class PacketSearch:
     async def fetch_best(
         self,
         found: dict[bytes, tuple[float, OutcomePacket]],
-        offers: dict[bytes, Offer],
+        offers: Offers,
         query: Sketch,
         m: int,
         *,
         now_ms: int,
     ) -> None:
-        """Fetch into ``found`` the offered packets that rank among the best ``m``."""
-        node = self.node
+        """Fetch into ``found`` the offered packets that rank among the best ``m``.
+
+        After each round, a node that did not return an id it was asked for (it
+        withheld it, lost it or failed), returned one that does not verify, or gave
+        a figure above the cosine computed here for any fetched packet, is dropped
+        with everything it reported, and the ranking is made again.
+        """
         tried: dict[bytes, set[bytes]] = defaultdict(set)
-        for _ in range(FETCH_ROUNDS):
+        clean = 0
+        while clean < FETCH_ROUNDS:
             while True:
                 ranking = [(sim, pid) for pid, (sim, _) in found.items()]
-                ranking += [(o.sim, pid) for pid, o in offers.items() if pid not in found]
+                ranking += [(offers.sim(pid), pid) for pid in offers.reports if pid not in found]
                 ranking.sort(key=lambda item: (-item[0], item[1]))
                 want = [pid for _, pid in ranking[:m] if pid not in found]
                 plan = fetch_plan(want, offers, tried)
@@ -170,43 +211,72 @@ class PacketSearch:
                 if not gone:
                     break
                 for pid in gone:
-                    del offers[pid]  # every node that reported it was asked: the next
-                    # best takes its place (ranked again, in this same round)
+                    offers.drop(pid)  # every node that reported it was asked: the
+                    # next best takes its place (ranked again, in this same round)
             if not plan:
                 return
             for peer, ids in plan.values():
                 for pid in ids:
                     tried[pid].add(peer.id)
-            raws = await self.fetch(plan.values())
-            asked = {pid for _, ids in plan.values() for pid in ids}
-            # Only what was asked for: the id is the hash of the bytes, so a holder
-            # cannot pass off another packet as the one it reported.
-            fresh = list({pid: raw for raw in raws if (pid := packet_id(raw)) in asked}.values())
-            good: list[OutcomePacket] = []
-            if fresh:
-                checked = await node.in_thread(verify_all, fresh, node.manifest, now_ms=now_ms)
-                good = [p for p in checked if isinstance(p, OutcomePacket)]
-                if len(good) < len(checked):
-                    node.counters.dropped["bad_packet"] += len(checked) - len(good)
-                    node.counters.packet_statuses(
-                        f"rejected:{p.reason}" for p in checked if isinstance(p, PacketError)
-                    )
-            if good:
-                sims = cosine_many(query, [p.sketch for p in good])
-                for packet, sim in zip(good, sims, strict=True):
-                    found[packet.id] = (float(sim), packet)
+            caught = await self.fetch_round(plan.values(), found, offers, query, now_ms=now_ms)
+            for peer_id in caught:
+                offers.drop_peer(peer_id)
+            clean += not caught
 
-    async def fetch(self, plan: Iterable[tuple[Node, list[bytes]]]) -> list[bytes]:
-        """``get_packets`` from every node of the plan at once."""
-        raws: list[bytes] = []
+    async def fetch_round(
+        self,
+        plan: Iterable[tuple[Node, list[bytes]]],
+        found: dict[bytes, tuple[float, OutcomePacket]],
+        offers: Offers,
+        query: Sketch,
+        *,
+        now_ms: int,
+    ) -> set[bytes]:
+        """One round of ``get_packets``: verified packets into ``found`` by their
+        cosine here; the ids of the nodes caught out (see :meth:`fetch_best`)."""
+        node = self.node
+        caught: set[bytes] = set()
+        fresh: dict[bytes, bytes] = {}
+        for peer, ids, raws in await self.fetch(plan):
+            # Only what was asked for: the id is the hash of the bytes, so a node
+            # cannot pass off another packet as the one it reported.
+            by_id = {packet_id(raw): raw for raw in raws}
+            if any(pid not in by_id for pid in ids):
+                caught.add(peer.id)
+            fresh.update((pid, by_id[pid]) for pid in ids if pid in by_id)
+        if not fresh:
+            return caught
+        checked = await node.in_thread(verify_all, list(fresh.values()), node.manifest,
+                                       now_ms=now_ms)
+        good = [p for p in checked if isinstance(p, OutcomePacket)]
+        if len(good) < len(checked):
+            node.counters.dropped["bad_packet"] += len(checked) - len(good)
+            node.counters.packet_statuses(
+                f"rejected:{p.reason}" for p in checked if isinstance(p, PacketError)
+            )
+            for pid, result in zip(fresh, checked, strict=True):
+                if isinstance(result, PacketError):
+                    caught.update(offers.reports.get(pid, {}))
+        if good:
+            sims = cosine_many(query, [p.sketch for p in good])
+            for packet, sim in zip(good, sims, strict=True):
+                found[packet.id] = (float(sim), packet)
+                caught.update(offers.overstated(packet.id, float(sim)))
+        return caught
+
+    async def fetch(
+        self, plan: Iterable[tuple[Node, list[bytes]]]
+    ) -> list[tuple[Node, list[bytes], list[bytes]]]:
+        """``get_packets`` from every node of the plan at once: what each returned."""
+        results: list[tuple[Node, list[bytes], list[bytes]]] = []
 
         async def get(peer: Node, ids: list[bytes]) -> None:
-            raws.extend(await self.get_packets(peer, ids))
+            results.append((peer, ids, await self.get_packets(peer, ids)))
 
         async with trio.open_nursery() as nursery:
             for peer, ids in plan:
                 nursery.start_soon(get, peer, ids)
-        return raws
+        return results
 
     async def lookup_ids(
         self, key: bytes, query: Sketch, m: int, *, held_here: bool = False
@@ -317,9 +387,9 @@ class PacketSearch:
         out: list[bytes] = []
         remaining = list(ids)
         busy = 0
-        for _ in range(node.config.max_pages + BUSY_RETRIES):
-            if not remaining:
-                break
+        # Every answer that is not "busy" returns a packet or ends the loop, so it
+        # runs at most len(ids) + BUSY_RETRIES times.
+        while remaining:
             asked = remaining[:MAX_BATCH]
             ok, result = await self.ops.packet_call(peer, "get_packets", [node.me.id, asked])
             parsed = self.parse_get_reply(result) if ok else None
@@ -356,7 +426,7 @@ class PacketSearch:
             and isinstance(sims, list)
             and len(ids) == len(sims) <= MAX_BATCH
             and all(isinstance(p, bytes) and len(p) == PACKET_ID_BYTES for p in ids)
-            and all(type(s) is float and math.isfinite(s) for s in sims)
+            and all(type(s) is float and -MAX_SIM <= s <= MAX_SIM for s in sims)
         ):
             node.counters.dropped["bad_reply"] += 1
             return None

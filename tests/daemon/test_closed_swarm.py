@@ -76,6 +76,17 @@ def test_members_run_the_swarm_and_an_outsider_is_refused_at_start(
     own = _pubkey(outsider.state_dir)
     assert "does not list this node's key" in log and own in log and "clinic-net" in log
 
+    # A node of the default open swarm, pointed at a member, is told why it cannot
+    # join (not a bare "no answer": the member answers hello to anyone).
+    stranger = Daemon(workdir, "stranger").start()
+    daemons.append(stranger)
+    proc = cli("bootstrap", a.address, "--json", socket_path=stranger.socket, check=False)
+    assert proc.returncode == 1
+    reply = json.loads(proc.stdout)
+    assert reply["contacted"] == 0 and reply["error"]["code"] == "unreachable"
+    assert [f["address"] for f in reply["failed"]] == [a.address]
+    assert "another swarm" in reply["failed"][0]["reason"]
+
 
 def test_manifest_new_and_show_refuse_bad_input_clearly(workdir: Path) -> None:
     key = _pubkey(workdir / "n1")

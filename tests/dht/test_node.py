@@ -269,8 +269,16 @@ async def test_dual_stack_node_joins_ipv4_and_ipv6_peers(tmp_path: Path) -> None
             contacts = {n.id: n.ip for n in dual.node.table.find_neighbors(dual.node.me)}
             assert contacts[v4.node.me.id] == "127.0.0.1"
             assert contacts[v6.node.me.id] == "::1"
-            # The IPv4 node never learns the IPv6 one (it could not reach it).
+            # The IPv4 node never learns the IPv6 one (it could not reach it): the dual
+            # node names each asker only contacts of the family it asked over.
             assert all(":" not in n.ip for n in v4.node.table.find_neighbors(v4.node.me))
+            # (Its table holds just the two: each asker would be named the other.)
+            assert len(dual.node.table) == 2
+            for asker, dial in ((v4, ("127.0.0.1", port)), (v6, ("::1", port))):
+                ok, named = await asker.node.transport.call(
+                    dial, "find_node", [asker.node.me.id, rng.randbytes(20)]
+                )
+                assert ok and named == []
 
             from_v4 = make_packet(v4.identity, rng)
             from_v6 = make_packet(v6.identity, rng)

@@ -19,6 +19,7 @@ from kademlia.node import Node
 
 from qisd.dht import DHTConfig, DHTNode
 from qisd.dht.paging import get_reply
+from qisd.dht.search import Offers
 from qisd.dht.wire import MAX_PAYLOAD
 from qisd.identity import Identity
 from qisd.manifest import DEFAULT_MANIFEST
@@ -66,6 +67,14 @@ async def swarm_with(
         nursery.cancel_scope.cancel()
 
 
+def scene(seed: int, count: int) -> tuple[random.Random, bytes, list[OutcomePacket], Sketch]:
+    """A seeded rng, a key, ``count`` packets of one origin, and a query sketch."""
+    rng = random.Random(seed)
+    origin, key = Identity.generate(), rng.randbytes(20)
+    packets = [make_packet(origin, rng) for _ in range(count)]
+    return rng, key, packets, make_packet(origin, rng).sketch
+
+
 def truth(packets: list[OutcomePacket], query: Sketch) -> list[bytes]:
     """Every packet id, best first (ties by id), as the search must rank them."""
     ranked = sorted(packets, key=lambda p: (-cosine(query, p.sketch), p.id))
@@ -73,10 +82,7 @@ def truth(packets: list[OutcomePacket], query: Sketch) -> list[bytes]:
 
 
 async def test_only_the_best_packets_cross_once(tmp_path: Path) -> None:
-    rng = random.Random(1)
-    origin, key = Identity.generate(), rng.randbytes(20)
-    packets = [make_packet(origin, rng) for _ in range(30)]
-    query = make_packet(origin, rng).sketch
+    _, key, packets, query = scene(1, 30)
     with trio.fail_after(60):
         async with swarm_with(tmp_path, packets, key) as (_, q):
             calls = Calls(q)
@@ -88,34 +94,73 @@ async def test_only_the_best_packets_cross_once(tmp_path: Path) -> None:
             assert calls.gets == 1
 
 
-async def test_a_holder_that_overstates_a_packet_does_not_rank_it(tmp_path: Path) -> None:
-    """Every holder reports its worst packet as a perfect match, on top of its honest
-    top five: it is fetched, ranked by its own cosine (last), and the fifth best,
-    pushed out of the first round by it, is fetched in a second."""
-    rng = random.Random(2)
-    origin, key = Identity.generate(), rng.randbytes(20)
-    packets = [make_packet(origin, rng) for _ in range(30)]
-    query = make_packet(origin, rng).sketch
+def holders_of(swarm: Swarm, key: bytes) -> list[Node]:
+    target = Node(key)
+    nodes = sorted((m.node.me for m in swarm.members.values()), key=target.distance_to)
+    return nodes[: DEFAULT_MANIFEST.replicas]
+
+
+async def test_a_node_that_overstates_or_invents_is_dropped_with_its_reports(
+    tmp_path: Path,
+) -> None:
+    """One honest holder reports the true top five; a second real holder reports
+    the worst packet as a perfect match and twenty ids of nothing just below it.
+    The first round fetches the inventions from it (they top the ranking) and
+    catches it; everything it said goes, and the true top five are fetched next."""
+    rng, key, packets, query = scene(2, 30)
     order = truth(packets, query)
-    worst = order[-1]
+    sims = {p.id: cosine(query, p.sketch) for p in packets}
+    with trio.fail_after(60):
+        async with swarm_with(tmp_path, packets, key) as (swarm, q):
+            honest, liar = holders_of(swarm, key)[:2]
+            offers = Offers()
+            for pid in order[:5]:
+                offers.add(pid, sims[pid], honest)
+            offers.add(order[-1], 1.0, liar)
+            for _ in range(20):
+                offers.add(rng.randbytes(16), 0.999, liar)
+            calls = Calls(q)
+            found: dict[bytes, Any] = {}
+            await q.packets.search.fetch_best(found, offers, query, 5, now_ms=q.wall_ms())
+            best = sorted(found.values(), key=lambda item: (-item[0], item[1].id))[:5]
+            assert [p.id for _, p in best] == order[:5]
+            assert liar.id not in offers.peers or all(
+                liar.id not in r for r in offers.reports.values()
+            )
+            assert calls.gets == 2
+
+
+async def test_a_reply_with_a_similarity_no_cosine_can_have_is_refused(tmp_path: Path) -> None:
+    rng, key, packets, query = scene(5, 12)
     with trio.fail_after(60):
         async with swarm_with(tmp_path, packets, key) as (swarm, q):
             for m in swarm.members.values():
                 ops = m.node.packets
                 real = ops.serve_find
 
-                async def lying(*args: Any, _real: Any = real, **kw: Any) -> dict[str, Any]:
+                async def boasting(*args: Any, _real: Any = real, **kw: Any) -> dict[str, Any]:
                     reply: dict[str, Any] = await _real(*args, **kw)
                     if reply.get("ids"):
-                        reply["ids"] = [worst, *reply["ids"]]
-                        reply["sims"] = [1.0, *reply["sims"]]
+                        reply["ids"] = [rng.randbytes(16), *reply["ids"]]
+                        reply["sims"] = [1e300, *reply["sims"]]
                     return reply
 
-                ops.serve_find = lying  # type: ignore[method-assign]
-            calls = Calls(q)
-            found = await q.find_packets([key], query, 5)
-            assert [p.id for _, p in found] == order[:5]
-            assert worst in calls.ids_asked and calls.gets == 2
+                ops.serve_find = boasting  # type: ignore[method-assign]
+            before = q.statistics().dropped.get("bad_reply", 0)
+            assert await q.find_packets([key], query, 5) == []
+            assert q.statistics().dropped.get("bad_reply", 0) > before
+
+
+async def test_a_querier_that_holds_its_best_fetches_nothing(tmp_path: Path) -> None:
+    _, key, packets, query = scene(6, 20)
+    with trio.fail_after(60):
+        async with swarm_with(tmp_path, packets, key) as (swarm, _):
+            holder_id = holders_of(swarm, key)[0].id
+            holder = next(m.node for m in swarm.members.values() if m.node.me.id == holder_id)
+            calls = Calls(holder)
+            found = await holder.find_packets([key], query, 5)
+            assert [p.id for _, p in found] == truth(packets, query)[:5]
+            assert calls.gets == 0
 
 
 async def test_a_packet_no_holder_returns_is_left_out_after_one_retry(tmp_path: Path) -> None:
@@ -123,10 +168,7 @@ async def test_a_packet_no_holder_returns_is_left_out_after_one_retry(tmp_path: 
     asked, then all the others that reported it at once; then it is left out and
     the other four stand (the holders reported their top five: nobody named a
     sixth)."""
-    rng = random.Random(3)
-    origin, key = Identity.generate(), rng.randbytes(20)
-    packets = [make_packet(origin, rng) for _ in range(30)]
-    query = make_packet(origin, rng).sketch
+    _, key, packets, query = scene(3, 30)
     order = truth(packets, query)
     best = order[0]
     with trio.fail_after(60):
@@ -152,19 +194,19 @@ async def test_a_packet_no_holder_returns_is_left_out_after_one_retry(tmp_path: 
 async def test_more_packets_than_a_datagram_holds_come_in_several_calls(
     tmp_path: Path,
 ) -> None:
-    rng = random.Random(4)
-    origin, key = Identity.generate(), rng.randbytes(20)
-    packets = [make_packet(origin, rng) for _ in range(60)]
-    query = make_packet(origin, rng).sketch
-    size = sum(len(p.encoded) for p in packets[:40])
-    assert size > MAX_PAYLOAD  # forty of them do not fit one reply
+    """m = 90: ids page past the 64 a reply carries, and the packets come in as many
+    get_packets calls as their bytes need, all from the one holder asked."""
+    _, key, packets, query = scene(4, 100)
+    per_reply = MAX_PAYLOAD // max(len(p.encoded) for p in packets)
     with trio.fail_after(60):
         async with swarm_with(tmp_path, packets, key) as (_, q):
             calls = Calls(q)
-            found = await q.find_packets([key], query, 40)
-            assert [p.id for _, p in found] == truth(packets, query)[:40]
-            assert calls.gets >= 2
-            assert len(set(calls.ids_asked)) == 40
+            found = await q.find_packets([key], query, 90)
+            assert [p.id for _, p in found] == truth(packets, query)[:90]
+            assert sorted(calls.ids_asked) != [] and len(set(calls.ids_asked)) == 90
+            # Each reply as full as fits: no more calls than the bytes need, plus
+            # one where a 64-id request ends.
+            assert -(-90 // per_reply) <= calls.gets <= -(-90 // per_reply) + 2
 
 
 def test_get_reply_keeps_the_order_asked_and_says_more() -> None:

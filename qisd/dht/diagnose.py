@@ -1,0 +1,53 @@
+"""Why a bootstrap peer is of no use, in words an operator can act on (trio).
+
+Joining through a peer that runs another swarm fails quietly otherwise: an open
+swarm's node answers pings and enters the routing table, and then refuses every
+packet as ``wrong_swarm``; a closed swarm's node answers nothing but ``hello`` to a
+node it has not admitted, which looks like a dead address. ``hello`` (which any qisd
+node answers, in any swarm) tells them apart: the answer is a signature over a
+message that includes the prover's swarm id (:mod:`qisd.dht.hello`), so it verifies
+against this node's swarm id only if both run the same manifest. A stock
+``kademlia`` node does not answer ``hello``; nothing is said about it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from qisd.dht.hello import NONCE_BYTES, node_id_of, proof_shaped, signed_for
+from qisd.dht.wire import Address
+
+if TYPE_CHECKING:
+    from qisd.dht.node import DHTNode
+
+OTHER_SWARM = (
+    "a qisd node of another swarm: its manifest differs from this node's "
+    "(compare `qisd status --json` field swarm on both hosts)"
+)
+NOT_ADMITTED = (
+    "it answers only hello: it has not admitted this node (a closed swarm "
+    "still checking this node's key, or one that refused it)"
+)
+SILENT_TO_PING = "it answers hello but not ping (overloaded, or rate limiting this address)"
+ID_MISMATCH = "its hello proof is for a key whose SHA-1 is not the node id it claims"
+
+
+async def swarm_problem(node: DHTNode, addr: Address, peer_id: bytes | None) -> str | None:
+    """What is wrong with joining through ``addr``, or None if nothing is known to be.
+
+    ``peer_id`` is the id it answered a ping with, or None if it did not answer.
+    """
+    nonce = os.urandom(NONCE_BYTES)
+    ok, answer = await node.transport.call(addr, "hello", [node.me.id, nonce])
+    if not ok or not proof_shaped(answer):
+        return None  # a stock node, or down: the caller already knows which
+    public_key, signature = answer
+    prover = node_id_of(public_key)
+    if peer_id is not None and prover != peer_id:
+        return ID_MISMATCH
+    if not signed_for(public_key, signature, node.manifest.swarm_id, node.me.id, nonce, prover):
+        return OTHER_SWARM
+    if peer_id is not None:
+        return None
+    return NOT_ADMITTED if node.manifest.membership != "open" else SILENT_TO_PING
