@@ -13,7 +13,10 @@ against this node's swarm id only if both run the same manifest. A stock
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import trio
+from kademlia.node import Node
 
 from qisd.dht.hello import NONCE_BYTES, node_id_of, proof_shaped, signed_for
 from qisd.dht.wire import Address
@@ -33,15 +36,34 @@ SILENT_TO_PING = "it answers hello but not ping (overloaded, or rate limiting th
 ID_MISMATCH = "its hello proof is for a key whose SHA-1 is not the node id it claims"
 
 
-async def swarm_problem(node: DHTNode, addr: Address, peer_id: bytes | None) -> str | None:
-    """What is wrong with joining through ``addr``, or None if nothing is known to be.
-
-    ``peer_id`` is the id it answered a ping with, or None if it did not answer.
-    """
+async def swarm_problem(node: DHTNode, addr: Address) -> tuple[Node | None, str | None]:
+    """Ping ``addr`` and, at the same time, ask it ``hello``: the node there (None if
+    it did not answer the ping), and what is wrong with joining through it (None
+    if nothing is known to be). Both at once, so a stock node (which never answers
+    ``hello``) or a dead address costs one timeout, not two."""
     nonce = os.urandom(NONCE_BYTES)
-    ok, answer = await node.transport.call(addr, "hello", [node.me.id, nonce])
-    if not ok or not proof_shaped(answer):
-        return None  # a stock node, or down: the caller already knows which
+    peer: Node | None = None
+    answer: Any = None
+
+    async def ping() -> None:
+        nonlocal peer
+        peer = await node.ping(addr)
+
+    async def hello() -> None:
+        nonlocal answer
+        ok, result = await node.transport.call(addr, "hello", [node.me.id, nonce])
+        answer = result if ok else None
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ping)
+        nursery.start_soon(hello)
+    return peer, judge(node, answer, nonce, peer.id if peer is not None else None)
+
+
+def judge(node: DHTNode, answer: Any, nonce: bytes, peer_id: bytes | None) -> str | None:
+    """What a ``hello`` answer says about joining (see :func:`swarm_problem`)."""
+    if not proof_shaped(answer):
+        return None  # a stock node, or down: the ping says which
     public_key, signature = answer
     prover = node_id_of(public_key)
     if peer_id is not None and prover != peer_id:

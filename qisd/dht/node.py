@@ -336,8 +336,7 @@ class DHTNode:
             if isinstance(addr, str):
                 failed[host, port] = addr
                 return
-            peer = await self.ping(addr)
-            problem = await swarm_problem(self, addr, peer.id if peer else None)
+            peer, problem = await swarm_problem(self, addr)
             if problem is not None:
                 if peer is not None:  # of no use as a route: out of the table, and kept out
                     self.other_swarm.add(addr, trio.current_time())
@@ -345,6 +344,9 @@ class DHTNode:
                 failed[host, port] = problem
             elif peer is None:
                 failed[host, port] = "no answer"
+            else:
+                self.other_swarm.discard(addr)  # it was fixed (same swarm now): let it in
+                self.welcome(peer)
 
         async with trio.open_nursery() as nursery:
             for host, port in addrs:

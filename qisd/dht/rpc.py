@@ -149,7 +149,7 @@ class RpcServer:
         # are asked for.
         # A dual-stack node's table holds both families; the sender can only use
         # contacts of the family it reached us over (how it sees the network), so
-        # only those are named (from twice as many nearest, to fill the answer).
+        # only those are named.
         table = self.node.table
         k = table.ksize if count is None else min(count, table.ksize)
         target = int.from_bytes(key, "big")
@@ -157,8 +157,12 @@ class RpcServer:
             found = nearest(table.buckets, target, k, exclude=sender)
         else:
             v6 = ":" in sender.ip
-            both = nearest(table.buckets, target, 2 * k, exclude=sender)
-            found = [n for n in both if (":" in n.ip) == v6][:k]
+            found = []
+            for width in (2 * k, len(table)):  # all of them only if the first is short
+                both = nearest(table.buckets, target, width, exclude=sender)
+                found = [n for n in both if (":" in n.ip) == v6][:k]
+                if len(found) == k or len(both) < width:
+                    break
         return [[n.id, n.ip, n.port] for n in found]
 
     # -- base RPCs ----------------------------------------------------------------

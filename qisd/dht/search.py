@@ -19,12 +19,13 @@ runs in two steps, as a search engine's query-then-fetch:
 A peer's similarity figure only chooses what to fetch; it is never trusted for the
 ranking: a fetched packet must hash to the id asked for and verify, and then takes
 its place by its own similarity (a figure outside [-1, 1] makes the whole answer
-bad). A node that did not return an id it was asked for, returned one that does not
-verify, or overstated any fetched packet's similarity is dropped with everything it
-reported, and the next round fetches what then ranks among the best ``m``: an id
-whose node failed from all the other nodes that reported it at once. So one lying or
-withholding node costs a round, not the answer; rounds with nobody caught out are
-capped at :data:`FETCH_ROUNDS`.
+bad). A node caught out (no usable answer, less than half of what it offered,
+bytes that do not verify, or an overstated figure: :meth:`PacketSearch.fetch_round`)
+is dropped with everything it reported, and the next round fetches what then ranks
+among the best ``m``: an id whose node did not return it from :data:`RETRY_FANOUT`
+other nodes that reported it. So one lying or withholding node costs a round, not
+the answer; a search runs at most :data:`MAX_ROUNDS` rounds, and stops after
+:data:`FETCH_ROUNDS` in which nobody was caught.
 
 ``find_packet_ids`` and ``get_packets`` are this protocol's query RPCs: a node of a
 build without them does not answer them, so a swarm upgrades to them together.
@@ -54,8 +55,16 @@ BUSY_BACKOFF = 0.05
 #: Rounds of ``get_packets`` per search in which no node was caught out (the first
 #: fetches the best ids; the others replace what failed or ranked lower than
 #: reported). A round that catches a node lying, withholding or failing does not
-#: count: every such node is dropped, so those rounds are bounded by the nodes.
+#: count here (every such node is dropped), only against MAX_ROUNDS.
 FETCH_ROUNDS = 4
+#: Rounds of ``get_packets`` per search at most, caught nodes or not (colluding
+#: liars can each cost a round; they cannot cost more than this).
+MAX_ROUNDS = 2 * FETCH_ROUNDS
+#: Nodes asked at once for an id whose first node did not return it.
+RETRY_FANOUT = 2
+#: Reasons a fetched packet may fail here with nobody at fault (clocks differ, or
+#: it lapsed between the two steps): the id is dropped, its nodes are not.
+NO_FAULT = frozenset({"expired", "future"})
 #: How far a node's similarity figure may exceed the cosine computed here (both
 #: are float64 over the same quantized sketches; they differ in the last bits).
 SIM_SLACK = 1e-4
@@ -92,6 +101,14 @@ class Offers:
 
     def drop(self, pid: bytes) -> None:
         del self.reports[pid]
+
+    def forget(self, pid: bytes, peer_id: bytes) -> None:
+        """``peer_id`` no longer has ``pid`` (it expired or was superseded there)."""
+        reports = self.reports.get(pid)
+        if reports is not None:
+            reports.pop(peer_id, None)
+            if not reports:
+                del self.reports[pid]
 
     def drop_peer(self, peer_id: bytes) -> None:
         """Forget everything ``peer_id`` reported (it lied, withheld or failed); ids
@@ -133,9 +150,9 @@ def fetch_plan(
 ) -> dict[bytes, tuple[Node, list[bytes]]]:
     """Which node to ask for which ids, by node id. An id not asked for before comes
     from one node that reported it, the one that reported the most of ``want``
-    (fewest calls); an id asked for before (its node failed, and was dropped) is
-    asked of every other node that reported it at once. Ids with no such node left
-    are not planned."""
+    (fewest calls); an id asked for before (its node did not return it) is asked of
+    :data:`RETRY_FANOUT` other nodes that reported it at once. Ids with no such node
+    left are not planned."""
     reach: dict[bytes, int] = defaultdict(int)
     for pid in want:
         for peer_id in offers.reports[pid]:
@@ -143,8 +160,8 @@ def fetch_plan(
     plan: dict[bytes, tuple[Node, list[bytes]]] = {}
     for pid in want:
         choices = [p for p in offers.holders(pid) if p.id not in tried[pid]]
-        if choices and not tried[pid]:
-            choices = [max(choices, key=lambda p: (reach[p.id], p.id))]
+        choices.sort(key=lambda p: (-reach[p.id], p.id))
+        choices = choices[: 1 if not tried[pid] else RETRY_FANOUT]
         for peer in choices:
             plan.setdefault(peer.id, (peer, []))[1].append(pid)
     return plan
@@ -192,14 +209,13 @@ class PacketSearch:
     ) -> None:
         """Fetch into ``found`` the offered packets that rank among the best ``m``.
 
-        After each round, a node that did not return an id it was asked for (it
-        withheld it, lost it or failed), returned one that does not verify, or gave
-        a figure above the cosine computed here for any fetched packet, is dropped
+        After each round, a node caught out (see :meth:`fetch_round`) is dropped
         with everything it reported, and the ranking is made again.
         """
         tried: dict[bytes, set[bytes]] = defaultdict(set)
-        clean = 0
-        while clean < FETCH_ROUNDS:
+        clean = rounds = 0
+        while clean < FETCH_ROUNDS and rounds < MAX_ROUNDS:
+            rounds += 1
             while True:
                 ranking = [(sim, pid) for pid, (sim, _) in found.items()]
                 ranking += [(offers.sim(pid), pid) for pid in offers.reports if pid not in found]
@@ -233,30 +249,42 @@ class PacketSearch:
         now_ms: int,
     ) -> set[bytes]:
         """One round of ``get_packets``: verified packets into ``found`` by their
-        cosine here; the ids of the nodes caught out (see :meth:`fetch_best`)."""
+        cosine here; the ids of the nodes caught out. A node is caught when it gave
+        no usable answer (down, busy, malformed), returned less than half of what it
+        offered (an honest node lacks an id only when it lapsed or was superseded
+        since), returned bytes that do not verify, or gave a figure above the cosine
+        computed here for any fetched packet. Ids a node returned most but not all
+        of are forgotten for it alone; a packet refused for its time (``expired``,
+        ``future``: clocks differ) is dropped with no one blamed."""
         node = self.node
         caught: set[bytes] = set()
-        fresh: dict[bytes, bytes] = {}
-        for peer, ids, raws in await self.fetch(plan):
+        fresh: dict[bytes, tuple[bytes, bytes]] = {}  # id -> (bytes, who sent them)
+        for peer, ids, (raws, answered) in await self.fetch(plan):
             # Only what was asked for: the id is the hash of the bytes, so a node
             # cannot pass off another packet as the one it reported.
-            by_id = {packet_id(raw): raw for raw in raws}
-            if any(pid not in by_id for pid in ids):
+            wanted = set(ids)
+            by_id = {pid: raw for raw in raws if (pid := packet_id(raw)) in wanted}
+            if not answered or 2 * len(by_id) < len(ids):
                 caught.add(peer.id)
-            fresh.update((pid, by_id[pid]) for pid in ids if pid in by_id)
+            else:
+                for pid in wanted - by_id.keys():
+                    offers.forget(pid, peer.id)
+            fresh.update((pid, (raw, peer.id)) for pid, raw in by_id.items())
         if not fresh:
             return caught
-        checked = await node.in_thread(verify_all, list(fresh.values()), node.manifest,
-                                       now_ms=now_ms)
+        raws = [raw for raw, _ in fresh.values()]
+        checked = await node.in_thread(verify_all, raws, node.manifest, now_ms=now_ms)
         good = [p for p in checked if isinstance(p, OutcomePacket)]
         if len(good) < len(checked):
             node.counters.dropped["bad_packet"] += len(checked) - len(good)
             node.counters.packet_statuses(
                 f"rejected:{p.reason}" for p in checked if isinstance(p, PacketError)
             )
-            for pid, result in zip(fresh, checked, strict=True):
+            for (pid, (_, sender)), result in zip(fresh.items(), checked, strict=True):
                 if isinstance(result, PacketError):
-                    caught.update(offers.reports.get(pid, {}))
+                    offers.reports.pop(pid, None)
+                    if result.reason not in NO_FAULT:
+                        caught.add(sender)
         if good:
             sims = cosine_many(query, [p.sketch for p in good])
             for packet, sim in zip(good, sims, strict=True):
@@ -266,9 +294,9 @@ class PacketSearch:
 
     async def fetch(
         self, plan: Iterable[tuple[Node, list[bytes]]]
-    ) -> list[tuple[Node, list[bytes], list[bytes]]]:
+    ) -> list[tuple[Node, list[bytes], tuple[list[bytes], bool]]]:
         """``get_packets`` from every node of the plan at once: what each returned."""
-        results: list[tuple[Node, list[bytes], list[bytes]]] = []
+        results: list[tuple[Node, list[bytes], tuple[list[bytes], bool]]] = []
 
         async def get(peer: Node, ids: list[bytes]) -> None:
             results.append((peer, ids, await self.get_packets(peer, ids)))
@@ -380,15 +408,20 @@ class PacketSearch:
         assert reply is not None
         return IdsReply(reply.nodes, [], [], False, True)
 
-    async def get_packets(self, peer: Node, ids: list[bytes]) -> list[bytes]:
+    async def get_packets(self, peer: Node, ids: list[bytes]) -> tuple[list[bytes], bool]:
         """The encodings ``peer`` returns for ``ids`` (those it holds), asking again
-        for the rest while it says ``more`` (they did not fit) or ``busy``."""
+        for the rest while it says ``more`` (they did not fit) or ``busy``; and
+        whether it gave a usable answer at all.
+
+        Only packets of ids asked for count, and every answer must shrink what is
+        left (or end the loop), so a peer that says ``more`` forever with junk
+        costs one call: at most ``len(ids)`` calls plus the busy retries in all.
+        """
         node = self.node
         out: list[bytes] = []
         remaining = list(ids)
         busy = 0
-        # Every answer that is not "busy" returns a packet or ends the loop, so it
-        # runs at most len(ids) + BUSY_RETRIES times.
+        answered = False
         while remaining:
             asked = remaining[:MAX_BATCH]
             ok, result = await self.ops.packet_call(peer, "get_packets", [node.me.id, asked])
@@ -402,13 +435,16 @@ class PacketSearch:
                     break
                 await self.backoff(busy - 1)
                 continue
-            out.extend(packets)
-            if more and not packets:
+            answered = True
+            wanted = set(asked)
+            got = {pid: raw for raw in packets if (pid := packet_id(raw)) in wanted}
+            out.extend(got.values())
+            if more and not got:
                 break
             # Without ``more`` the asked ids it did not return are not held there.
-            done = {packet_id(raw) for raw in packets} if more else set(asked)
+            done = got.keys() if more else wanted
             remaining = [pid for pid in remaining if pid not in done]
-        return out
+        return out, answered
 
     async def backoff(self, attempt: int) -> None:
         await trio.sleep(BUSY_BACKOFF * 2**attempt * (0.5 + self.node.rng.random()))

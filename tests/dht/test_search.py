@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,34 @@ def scene(seed: int, count: int) -> tuple[random.Random, bytes, list[OutcomePack
     return rng, key, packets, make_packet(origin, rng).sketch
 
 
+@dataclass
+class TwoHolders:
+    """A swarm, a querier, two real holders of the key, and the truth to check."""
+
+    q: DHTNode
+    honest: Node
+    liar: Node
+    query: Sketch
+    order: list[bytes]
+    sims: dict[bytes, float]
+
+    async def fetch(self, offers: Offers, m: int) -> list[bytes]:
+        found: dict[bytes, Any] = {}
+        await self.q.packets.search.fetch_best(found, offers, self.query, m,
+                                               now_ms=self.q.wall_ms())
+        best = sorted(found.values(), key=lambda item: (-item[0], item[1].id))[:m]
+        return [p.id for _, p in best]
+
+
+@asynccontextmanager
+async def two_holders(tmp: Path, seed: int) -> AsyncIterator[TwoHolders]:
+    _, key, packets, query = scene(seed, 30)
+    sims = {p.id: cosine(query, p.sketch) for p in packets}
+    async with swarm_with(tmp, packets, key) as (swarm, q):
+        honest, liar = holders_of(swarm, key)[:2]
+        yield TwoHolders(q, honest, liar, query, truth(packets, query), sims)
+
+
 def truth(packets: list[OutcomePacket], query: Sketch) -> list[bytes]:
     """Every packet id, best first (ties by id), as the search must rank them."""
     ranked = sorted(packets, key=lambda p: (-cosine(query, p.sketch), p.id))
@@ -107,27 +136,53 @@ async def test_a_node_that_overstates_or_invents_is_dropped_with_its_reports(
     the worst packet as a perfect match and twenty ids of nothing just below it.
     The first round fetches the inventions from it (they top the ranking) and
     catches it; everything it said goes, and the true top five are fetched next."""
-    rng, key, packets, query = scene(2, 30)
-    order = truth(packets, query)
-    sims = {p.id: cosine(query, p.sketch) for p in packets}
+    rng = random.Random(2)
+    with trio.fail_after(60):
+        async with two_holders(tmp_path, 2) as t:
+            offers = Offers()
+            for pid in t.order[:5]:
+                offers.add(pid, t.sims[pid], t.honest)
+            offers.add(t.order[-1], 1.0, t.liar)
+            for _ in range(20):
+                offers.add(rng.randbytes(16), 0.999, t.liar)
+            calls = Calls(t.q)
+            assert await t.fetch(offers, 5) == t.order[:5]
+            assert all(t.liar.id not in r for r in offers.reports.values())
+            assert calls.gets == 2
+
+
+async def test_an_overstated_figure_alone_gets_a_node_dropped(tmp_path: Path) -> None:
+    """The second holder returns everything it offered, but said the worst packet
+    was a perfect match: it is dropped with its other reports all the same."""
+    with trio.fail_after(60):
+        async with two_holders(tmp_path, 7) as t:
+            offers = Offers()
+            for pid in t.order[:6]:
+                offers.add(pid, t.sims[pid], t.honest)
+            for pid in t.order[1:4]:
+                offers.add(pid, t.sims[pid], t.liar)
+            offers.add(t.order[-1], 1.0, t.liar)
+            offers.add(t.order[10], t.sims[t.order[10]], t.liar)  # only it reported this
+            assert await t.fetch(offers, 5) == t.order[:5]
+            assert all(t.liar.id not in r for r in offers.reports.values())
+            assert t.order[10] not in offers.reports
+
+
+async def test_a_holder_that_says_more_forever_costs_one_call(tmp_path: Path) -> None:
+    _, key, packets, query = scene(8, 30)
+    junk = make_packet(Identity.generate(), random.Random(0)).encoded
     with trio.fail_after(60):
         async with swarm_with(tmp_path, packets, key) as (swarm, q):
-            honest, liar = holders_of(swarm, key)[:2]
-            offers = Offers()
-            for pid in order[:5]:
-                offers.add(pid, sims[pid], honest)
-            offers.add(order[-1], 1.0, liar)
-            for _ in range(20):
-                offers.add(rng.randbytes(16), 0.999, liar)
+            for m in swarm.members.values():
+
+                async def endless(ids: list[bytes]) -> dict[str, Any]:
+                    return {"packets": [junk], "more": True}
+
+                m.node.packets.serve_get = endless  # type: ignore[method-assign]
             calls = Calls(q)
-            found: dict[bytes, Any] = {}
-            await q.packets.search.fetch_best(found, offers, query, 5, now_ms=q.wall_ms())
-            best = sorted(found.values(), key=lambda item: (-item[0], item[1].id))[:5]
-            assert [p.id for _, p in best] == order[:5]
-            assert liar.id not in offers.peers or all(
-                liar.id not in r for r in offers.reports.values()
-            )
-            assert calls.gets == 2
+            assert await q.find_packets([key], query, 5) == []
+            # Each holder asked once; nothing it says keeps the loop going.
+            assert calls.gets <= DEFAULT_MANIFEST.replicas
 
 
 async def test_a_reply_with_a_similarity_no_cosine_can_have_is_refused(tmp_path: Path) -> None:
