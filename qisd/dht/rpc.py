@@ -147,19 +147,24 @@ class RpcServer:
         # Exactly our find_neighbors(Node(key), exclude=sender), reading only the
         # buckets that can hold the answer (qisd.dht.nearest); k of them unless fewer
         # are asked for.
-        # A dual-stack node's table holds both families; the sender can only use
-        # contacts of the family it reached us over (how it sees the network), so
-        # only those are named.
         table = self.node.table
         k = table.ksize if count is None else min(count, table.ksize)
-        target = int.from_bytes(key, "big")
+        return self._nearest(int.from_bytes(key, "big"), k, sender)
+
+    def _nearest(
+        self, target: int, k: int, sender: Node, *, below: int | None = None
+    ) -> list[list[Any]]:
+        """The ``k`` contacts nearest ``target`` (nearer than ``below``), as a reply's
+        node list. A dual-stack node's table holds both families; the sender can
+        only use contacts of the family it reached us over, so only those are named."""
+        buckets = self.node.table.buckets
         if not self.node.dual_stack:
-            found = nearest(table.buckets, target, k, exclude=sender)
+            found = nearest(buckets, target, k, below=below, exclude=sender)
         else:
             v6 = ":" in sender.ip
             found = []
-            for width in (2 * k, len(table)):  # all of them only if the first is short
-                both = nearest(table.buckets, target, width, exclude=sender)
+            for width in (2 * k, len(self.node.table)):  # all only if the first is short
+                both = nearest(buckets, target, width, below=below, exclude=sender)
                 found = [n for n in both if (":" in n.ip) == v6][:k]
                 if len(found) == k or len(both) < width:
                     break
@@ -238,11 +243,9 @@ class RpcServer:
 
     def _closer(self, key: bytes, sender: Node) -> list[list[Any]]:
         """The contacts closer to ``key`` than this node (what a put-lookup needs)."""
-        table = self.node.table
         target = int.from_bytes(key, "big")
         mine = self.node.me.long_id ^ target
-        found = nearest(table.buckets, target, table.ksize, below=mine, exclude=sender)
-        return [[n.id, n.ip, n.port] for n in found]
+        return self._nearest(target, self.node.table.ksize, sender, below=mine)
 
     def _key_holder(self, key: bytes, sender: Node) -> bool:
         """Whether ``sender`` is one of the ``replicas`` nodes closest to ``key`` that
