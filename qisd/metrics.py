@@ -157,6 +157,13 @@ class QisdCollector:
         for reason, n in sorted(st.peers_refused.items()):
             refused.add_metric([reason], n)
         yield refused
+        caught = CounterMetricFamily("qisd_query_peers_dropped",
+                                     "Peers whose reports a query dropped (no usable answer, "
+                                     "withheld, bad packet, overstated similarity), by reason",
+                                     labels=["reason"])
+        for reason, n in sorted(st.query_peers_dropped.items()):
+            caught.add_metric([reason], n)
+        yield caught
 
     def _control(self) -> Iterator[Metric]:
         stats = self.service.control_statistics()

@@ -235,8 +235,9 @@ class PacketSearch:
                 for pid in ids:
                     tried[pid].add(peer.id)
             caught = await self.fetch_round(plan.values(), found, offers, query, now_ms=now_ms)
-            for peer_id in caught:
+            for peer_id, reason in caught.items():
                 offers.drop_peer(peer_id)
+                self.node.counters.query_peers_dropped[reason] += 1
             clean += not caught
 
     async def fetch_round(
@@ -247,9 +248,9 @@ class PacketSearch:
         query: Sketch,
         *,
         now_ms: int,
-    ) -> set[bytes]:
+    ) -> dict[bytes, str]:
         """One round of ``get_packets``: verified packets into ``found`` by their
-        cosine here; the ids of the nodes caught out. A node is caught when it gave
+        cosine here; the ids of the nodes caught out, and why. A node is caught when it gave
         no usable answer (down, busy, malformed), returned less than half of what it
         offered (an honest node lacks an id only when it lapsed or was superseded
         since), returned bytes that do not verify, or gave a figure above the cosine
@@ -257,15 +258,17 @@ class PacketSearch:
         of are forgotten for it alone; a packet refused for its time (``expired``,
         ``future``: clocks differ) is dropped with no one blamed."""
         node = self.node
-        caught: set[bytes] = set()
+        caught: dict[bytes, str] = {}
         fresh: dict[bytes, tuple[bytes, bytes]] = {}  # id -> (bytes, who sent them)
         for peer, ids, (raws, answered) in await self.fetch(plan):
             # Only what was asked for: the id is the hash of the bytes, so a node
             # cannot pass off another packet as the one it reported.
             wanted = set(ids)
             by_id = {pid: raw for raw in raws if (pid := packet_id(raw)) in wanted}
-            if not answered or 2 * len(by_id) < len(ids):
-                caught.add(peer.id)
+            if not answered:
+                caught[peer.id] = "no_answer"
+            elif 2 * len(by_id) < len(ids):
+                caught[peer.id] = "withheld"
             else:
                 for pid in wanted - by_id.keys():
                     offers.forget(pid, peer.id)
@@ -284,12 +287,13 @@ class PacketSearch:
                 if isinstance(result, PacketError):
                     offers.reports.pop(pid, None)
                     if result.reason not in NO_FAULT:
-                        caught.add(sender)
+                        caught.setdefault(sender, "bad_packet")
         if good:
             sims = cosine_many(query, [p.sketch for p in good])
             for packet, sim in zip(good, sims, strict=True):
                 found[packet.id] = (float(sim), packet)
-                caught.update(offers.overstated(packet.id, float(sim)))
+                for peer_id in offers.overstated(packet.id, float(sim)):
+                    caught.setdefault(peer_id, "overstated")  # the first reason found
         return caught
 
     async def fetch(

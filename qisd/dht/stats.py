@@ -113,6 +113,11 @@ class DHTStatistics:
     #: Closed swarms: peers refused entry to the routing table, by reason
     #: (``not_member``, ``id_mismatch``, ``bad_proof``, ``no_answer``).
     peers_refused: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    #: Peers whose reports a query dropped (see qisd.dht.search), by reason
+    #: (``no_answer``, ``withheld``, ``bad_packet``, ``overstated``).
+    query_peers_dropped: Mapping[str, int] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
 
 #: Store/notify statuses that mean "taken" (new here or new under the key).
@@ -142,6 +147,7 @@ class Counters:
         self.packets_accepted = 0
         self.packets_rejected: Counter[str] = Counter()
         self.peers_refused: Counter[str] = Counter()
+        self.query_peers_dropped: Counter[str] = Counter()
 
     def packet_statuses(self, statuses: Iterable[str]) -> None:
         """Count the per-packet statuses of one inbound request (``rejected:<reason>``,
@@ -206,4 +212,5 @@ class Counters:
             packets_accepted=self.packets_accepted,
             packets_rejected=MappingProxyType(dict(self.packets_rejected)),
             peers_refused=MappingProxyType(dict(self.peers_refused)),
+            query_peers_dropped=MappingProxyType(dict(self.query_peers_dropped)),
         )

@@ -149,6 +149,7 @@ async def test_a_node_that_overstates_or_invents_is_dropped_with_its_reports(
             assert await t.fetch(offers, 5) == t.order[:5]
             assert all(t.liar.id not in r for r in offers.reports.values())
             assert calls.gets == 2
+            assert dict(t.q.statistics().query_peers_dropped) == {"withheld": 1}
 
 
 async def test_an_overstated_figure_alone_gets_a_node_dropped(tmp_path: Path) -> None:
@@ -166,6 +167,7 @@ async def test_an_overstated_figure_alone_gets_a_node_dropped(tmp_path: Path) ->
             assert await t.fetch(offers, 5) == t.order[:5]
             assert all(t.liar.id not in r for r in offers.reports.values())
             assert t.order[10] not in offers.reports
+            assert dict(t.q.statistics().query_peers_dropped) == {"overstated": 1}
 
 
 async def test_a_holder_that_says_more_forever_costs_one_call(tmp_path: Path) -> None:
