@@ -25,6 +25,7 @@ import trio
 from kademlia.node import Node
 
 from qisd.dht.api import KeyPlacement, PutReport
+from qisd.dht.busy import BUSY, BUSY_RETRIES, busy_backoff
 from qisd.dht.inbound import OK_STATUSES, Inbound
 from qisd.dht.lookup import Reply
 from qisd.dht.own import OwnPackets
@@ -139,19 +140,31 @@ class PacketOps(Inbound):
     ) -> tuple[list[str], list[Node]] | None:
         """``store_packets`` in datagram-sized batches: the statuses and the closer
         nodes the peer named, or None if it did not answer properly."""
-        node = self.node
         statuses: list[str] = []
         closer: list[Node] = []
         for batch in batches(raws):
-            ok, result = await self.packet_call(peer, "store_packets", [node.me.id, key, batch])
-            if not ok:
-                return None
-            parsed = self.parse_store_reply(result, len(batch))
+            parsed = await self.store_batch(peer, key, batch)
             if parsed is None:
                 return None
             statuses.extend(parsed[0])
             closer = closer or parsed[1]
         return statuses, closer
+
+    async def store_batch(
+        self, peer: Node, key: bytes, batch: list[bytes]
+    ) -> tuple[list[str], list[Node]] | None:
+        """One ``store_packets`` call, asked again (with backoff) while the peer says
+        every packet is ``busy``: it is still one of the closest nodes."""
+        node = self.node
+        parsed: tuple[list[str], list[Node]] | None = None
+        for attempt in range(BUSY_RETRIES):
+            if attempt:
+                await busy_backoff(node.rng, attempt - 1)
+            ok, result = await self.packet_call(peer, "store_packets", [node.me.id, key, batch])
+            parsed = self.parse_store_reply(result, len(batch)) if ok else None
+            if parsed is None or not all(s == BUSY for s in parsed[0]):
+                return parsed
+        return parsed
 
     def parse_store_reply(self, result: Any, count: int) -> tuple[list[str], list[Node]] | None:
         node = self.node

@@ -50,6 +50,7 @@ import trio
 from kademlia.node import Node
 
 from qisd.dht import stock
+from qisd.dht.busy import BUSY
 from qisd.dht.deferred import Deferred
 from qisd.dht.fairness import FairShare
 from qisd.dht.nearest import nearest
@@ -76,7 +77,6 @@ if TYPE_CHECKING:
 
 MAX_OFFSET = 100_000
 #: Status of each packet when the node is too busy to look at them: ask again later.
-BUSY = "rejected:busy"
 MAX_LISTEN_TTL = 2**31 - 1
 #: One source may run at most 1/HANDLER_SHARE of the handlers that wait on storage.
 HANDLER_SHARE = 8

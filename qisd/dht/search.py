@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import trio
 from kademlia.node import Node
 
+from qisd.dht.busy import BUSY_RETRIES, busy_backoff
 from qisd.dht.lookup import Reply
 from qisd.dht.paging import MAX_BATCH, verify_all
 from qisd.dht.traverse import FAILED, LookupState
@@ -49,9 +50,6 @@ from qisd.sketch import Sketch, cosine_many
 if TYPE_CHECKING:
     from qisd.dht.packets import PacketOps
 
-#: A busy peer is asked this many times, after BUSY_BACKOFF, 2x, 4x... seconds.
-BUSY_RETRIES = 3
-BUSY_BACKOFF = 0.05
 #: Rounds of ``get_packets`` per search in which no node was caught out (the first
 #: fetches the best ids; the others replace what failed or ranked lower than
 #: reported). A round that catches a node lying, withholding or failing does not
@@ -408,7 +406,7 @@ class PacketSearch:
             reply = self.parse_ids_reply(result) if ok else None
             if reply is None or not reply.busy:
                 return reply
-            await self.backoff(attempt)
+            await busy_backoff(self.node.rng, attempt)
         assert reply is not None
         return IdsReply(reply.nodes, [], [], False, True)
 
@@ -437,7 +435,7 @@ class PacketSearch:
                 busy += 1
                 if busy >= BUSY_RETRIES:
                     break
-                await self.backoff(busy - 1)
+                await busy_backoff(node.rng, busy - 1)
                 continue
             answered = True
             wanted = set(asked)
@@ -449,9 +447,6 @@ class PacketSearch:
             done = got.keys() if more else wanted
             remaining = [pid for pid in remaining if pid not in done]
         return out, answered
-
-    async def backoff(self, attempt: int) -> None:
-        await trio.sleep(BUSY_BACKOFF * 2**attempt * (0.5 + self.node.rng.random()))
 
     def parse_ids_reply(self, result: Any) -> IdsReply | None:
         node = self.node

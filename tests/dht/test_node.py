@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 import socket
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
 import trio
-from dht_helpers import eventually, make_packet, member, vector
+from dht_helpers import Swarm, eventually, make_packet, member, vector
 from kademlia.node import Node
 
 from qisd.dht import DHTConfig, open_node
@@ -352,3 +353,37 @@ async def test_full_bucket_pings_its_head_even_in_backoff(head_answers: bool) ->
         else:
             assert pings[("ping", "out", "timeout")] == 1
             assert table.get(head.id) is None and table.get(newcomer.id) is not None
+
+
+async def test_a_busy_closest_node_is_asked_again_not_passed_over(tmp_path: Path) -> None:
+    """Overloaded, a node answers a store with ``rejected:busy``: the put waits and
+    asks it again, so the copy lands at the closest nodes and not beyond them."""
+    rng = random.Random(11)
+    manifest = Manifest(replicas=2, tables=1)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            swarm = Swarm(nursery, tmp_path, manifest=manifest)
+            first = await swarm.start(0)
+            for i in range(1, 6):
+                await (await swarm.start(i)).node.bootstrap([first.node.address])
+            for m in swarm.members.values():
+                await m.node.bootstrap([first.node.address])
+            packet = make_packet(swarm.members[5].identity, rng, manifest=manifest)
+            key = keys_for(manifest, packet.topic, packet.sketch.to_array())[0]
+            target = Node(key)
+            order = sorted(swarm.members.values(), key=lambda m: target.distance_to(m.node.me))
+            closest = order[0] if order[0] is not swarm.members[5] else order[1]
+            refused: list[int] = []
+            real = closest.node.rpc._methods["store_packets"]
+
+            def busy_once(addr: Any, args: list[Any]) -> Any:
+                if not refused:
+                    refused.append(len(args[2]))
+                    return {"status": ["rejected:busy"] * len(args[2]), "nodes": []}
+                return real(addr, args)
+
+            closest.node.rpc._methods["store_packets"] = busy_once
+            report = await swarm.members[5].node.put_packet(packet)
+            assert refused == [1] and report.ok
+            assert closest.store.get(packet.id) is not None
+            nursery.cancel_scope.cancel()
