@@ -236,25 +236,31 @@ class NodeService:
                 continue
             ready.append((i, packet))
 
-        async def put(i: int, packet: OutcomePacket, limiter: trio.CapacityLimiter) -> None:
-            async with limiter:
-                try:
-                    stored = await self._put(packet)
-                except ControlError as exc:
-                    results[i] = {"error": {"code": exc.code, "message": exc.message}}
-                    return
-                results[i] = {"id": packet.id.hex(), "stored": stored}
-
-        limiter = trio.CapacityLimiter(32)
-        async with trio.open_nursery() as nursery:
-            for i, packet in ready:
-                nursery.start_soon(put, i, packet, limiter)
+        # One placement per key for the whole batch (qisd.dht.packets.put_packets).
+        try:
+            outcomes = await self._put_many([packet for _, packet in ready])
+        except ControlError as exc:
+            outcomes = [exc] * len(ready)
+        for (i, packet), outcome in zip(ready, outcomes, strict=True):
+            if isinstance(outcome, ControlError):
+                results[i] = {"error": {"code": outcome.code, "message": outcome.message}}
+            else:
+                results[i] = {"id": packet.id.hex(), "stored": outcome}
         return {"results": results}
 
     async def _put(self, packet: OutcomePacket) -> int:
+        (outcome,) = await self._put_many([packet])
+        if isinstance(outcome, ControlError):
+            raise outcome
+        return outcome
+
+    async def _put_many(self, packets: list[OutcomePacket]) -> list[int | ControlError]:
+        """Put ``packets``; for each, its copies or why it was not emitted."""
+        if not packets:
+            return []
         self._inflight += 1
         try:
-            report = await self.node.put_packet(packet)
+            reports = await self.node.put_packets(packets)
         except StoreError as exc:
             raise ControlError(exc.code, str(exc)) from None
         finally:
@@ -262,14 +268,18 @@ class NodeService:
             if not self._inflight:
                 self._idle.set()
         failure = self.store.failure
-        if not report.ok and failure is not None:
-            # Some key of the packet has no copy anywhere because this node's store
-            # refused it (disk full, read-only): say so, naming the file, so the
-            # application can retry once the disk is fixed.
-            raise ControlError(failure.code, str(failure))
-        self.emitted += 1
-        self.watches.publish(packet)
-        return report.copies
+        outcomes: list[int | ControlError] = []
+        for packet, report in zip(packets, reports, strict=True):
+            if not report.ok and failure is not None:
+                # Some key of the packet has no copy anywhere because this node's
+                # store refused it (disk full, read-only): say so, naming the file,
+                # so the application can retry once the disk is fixed.
+                outcomes.append(ControlError(failure.code, str(failure)))
+                continue
+            self.emitted += 1
+            self.watches.publish(packet)
+            outcomes.append(report.copies)
+        return outcomes
 
     # -- query -----------------------------------------------------------------
 

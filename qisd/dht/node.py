@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -398,6 +398,10 @@ class DHTNode:
     ) -> PutReport:
         """Store ``packet`` at the ``replicas`` closest nodes of each of its keys."""
         return await self.packets.put_packet(packet, keys=keys)
+
+    async def put_packets(self, packets: Sequence[OutcomePacket]) -> list[PutReport]:
+        """:meth:`put_packet` for many, placed together per key (one report each)."""
+        return await self.packets.put_packets(packets)
 
     async def find_packets(
         self, keys: Iterable[bytes], query_sketch: Sketch, m: int

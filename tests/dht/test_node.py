@@ -387,3 +387,44 @@ async def test_a_busy_closest_node_is_asked_again_not_passed_over(tmp_path: Path
             assert refused == [1] and report.ok
             assert closest.store.get(packet.id) is not None
             nursery.cancel_scope.cancel()
+
+
+async def test_put_packets_places_a_batch_once_per_key(tmp_path: Path) -> None:
+    """Forty packets of one topic over 8 keys (2 tables x 2 bits): one placement per
+    key carries every packet under it, and each lands at its key's closest nodes."""
+    rng = random.Random(12)
+    manifest = Manifest(tables=2, bits=2, replicas=3)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            swarm = Swarm(nursery, tmp_path, manifest=manifest)
+            first = await swarm.start(0)
+            for i in range(1, 8):
+                await (await swarm.start(i)).node.bootstrap([first.node.address])
+            for m in swarm.members.values():
+                await m.node.bootstrap([first.node.address])
+            origin = swarm.members[7]
+            packets = [make_packet(origin.identity, rng, manifest=manifest) for _ in range(40)]
+            stores = 0
+            real = origin.node.packets.packet_call
+
+            async def counting(peer: Node, name: str, args: list[Any]) -> tuple[bool, Any]:
+                nonlocal stores
+                stores += name == "store_packets"
+                return await real(peer, name, args)
+
+            origin.node.packets.packet_call = counting  # type: ignore[method-assign]
+            reports = await origin.node.put_packets(packets)
+            assert [r.packet_id for r in reports] == [p.id for p in packets]
+            assert all(r.ok and r.copies >= manifest.replicas for r in reports)
+            keys = {k for p in packets for k in keys_for(manifest, p.topic, p.sketch.to_array())}
+            # One placement per key: about replicas RPCs each, not per packet.
+            assert stores <= len(keys) * (manifest.replicas + 2) < len(packets) * 2
+            for packet in packets:
+                for key in keys_for(manifest, packet.topic, packet.sketch.to_array()):
+                    target = Node(key)
+                    near = sorted(swarm.members.values(),
+                                  key=lambda m: target.distance_to(m.node.me))
+                    held = [m for m in near[: manifest.replicas]
+                            if m.store.get(packet.id) is not None]
+                    assert len(held) == manifest.replicas
+            nursery.cancel_scope.cancel()
