@@ -134,6 +134,16 @@ class Swarm:
         self._stops[i] = (stop, done)
         return m
 
+    async def start_joined(self, count: int) -> Member:
+        """Start members 0..count-1, each bootstrapped through member 0 (twice, so
+        early joiners learn of late ones); member 0."""
+        first = await self.start(0)
+        for i in range(1, count):
+            await (await self.start(i)).node.bootstrap([first.node.address])
+        for m in self.members.values():
+            await m.node.bootstrap([first.node.address])
+        return first
+
     async def stop(self, i: int) -> None:
         stop, done = self._stops.pop(i)
         del self.members[i]

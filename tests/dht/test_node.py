@@ -363,11 +363,7 @@ async def test_a_busy_closest_node_is_asked_again_not_passed_over(tmp_path: Path
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             swarm = Swarm(nursery, tmp_path, manifest=manifest)
-            first = await swarm.start(0)
-            for i in range(1, 6):
-                await (await swarm.start(i)).node.bootstrap([first.node.address])
-            for m in swarm.members.values():
-                await m.node.bootstrap([first.node.address])
+            await swarm.start_joined(6)
             packet = make_packet(swarm.members[5].identity, rng, manifest=manifest)
             key = keys_for(manifest, packet.topic, packet.sketch.to_array())[0]
             target = Node(key)
@@ -397,11 +393,7 @@ async def test_put_packets_places_a_batch_once_per_key(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             swarm = Swarm(nursery, tmp_path, manifest=manifest)
-            first = await swarm.start(0)
-            for i in range(1, 8):
-                await (await swarm.start(i)).node.bootstrap([first.node.address])
-            for m in swarm.members.values():
-                await m.node.bootstrap([first.node.address])
+            await swarm.start_joined(8)
             origin = swarm.members[7]
             packets = [make_packet(origin.identity, rng, manifest=manifest) for _ in range(40)]
             stores = 0

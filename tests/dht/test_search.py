@@ -55,11 +55,7 @@ async def swarm_with(
 ) -> AsyncIterator[tuple[Swarm, DHTNode]]:
     async with trio.open_nursery() as nursery:
         swarm = Swarm(nursery, tmp, config=CONFIG)
-        first = await swarm.start(0)
-        for i in range(1, N):
-            await (await swarm.start(i)).node.bootstrap([first.node.address])
-        for m in swarm.members.values():
-            await m.node.bootstrap([first.node.address])
+        first = await swarm.start_joined(N)
         report = await first.node.packets.place(key, packets)
         assert report.stored == DEFAULT_MANIFEST.replicas
         async with member(Identity.generate(), None, config=CONFIG) as q:
