@@ -90,10 +90,11 @@ class PacketOps(Inbound):
         """:meth:`put_packet` for many packets at once, one report each.
 
         Packets that share a key are placed together: one placement lookup per key
-        carries all of them (in datagram-sized batches), so a bulk emit costs a
-        placement per key, not one per packet and key. A topic has at most
-        ``tables`` x 2^``bits`` keys (128 by default), so a thousand packets of one
-        topic cost at most 128 placements instead of 8,000. Every packet is checked
+        and datagram's worth of packets, so a bulk emit costs a placement per key
+        (per ~8 KB under it), not one per packet and key. A topic has at most
+        ``tables`` x 2^``bits`` keys (128 by default). Where any node refused part
+        of a group (quota, full, disk), its packets are placed again one by one, so
+        each reports its own copies, not its siblings'. Every packet is checked
         before anything is sent (:class:`PacketError` names the first bad one).
         """
         node = self.node
@@ -106,12 +107,31 @@ class PacketOps(Inbound):
             keys_of.append(keys)
             for key in keys:
                 by_key.setdefault(key, {})[packet.id] = packet
-        order = list(by_key)
-        done = await self.each_key(order, lambda key: self.place(key, list(by_key[key].values())))
-        placed = dict(zip(order, done, strict=True))
+        groups: list[tuple[bytes, list[OutcomePacket]]] = []
+        for key, members in by_key.items():
+            pending = list(members.values())
+            for chunk in batches([p.encoded for p in pending]):
+                groups.append((key, pending[: len(chunk)]))
+                pending = pending[len(chunk) :]
+        placed: dict[tuple[bytes, bytes], KeyPlacement] = {}
+
+        async def place_group(key: bytes, group: list[OutcomePacket]) -> None:
+            async with limiter:
+                placement = await self.place(key, group)
+                if len(group) > 1 and placement.refusals:
+                    for packet in group:
+                        placed[key, packet.id] = await self.place(key, [packet])
+                    return
+            for packet in group:
+                placed[key, packet.id] = placement
+
+        limiter = trio.CapacityLimiter(node.config.key_concurrency)
+        async with trio.open_nursery() as nursery:
+            for key, group in groups:
+                nursery.start_soon(place_group, key, group)
         reports: list[PutReport] = []
         for packet, keys in zip(packets, keys_of, strict=True):
-            report = PutReport(packet.id, tuple(placed[key] for key in keys))
+            report = PutReport(packet.id, tuple(placed[key, packet.id] for key in keys))
             if any(p.stored for p in report.placements):
                 await self.own.remember(packet, keys)
             reports.append(report)
@@ -164,6 +184,7 @@ class PacketOps(Inbound):
             statuses = await self.store_local(key, packets, "local")
             local = True
             stored += all(s in OK_STATUSES for s in statuses)
+            refusals.extend(s for s in statuses if s not in OK_STATUSES and s != EXPIRED)
         return KeyPlacement(key, stored, local, st.failures, tuple(refusals))
 
     async def store_remote(

@@ -76,7 +76,6 @@ if TYPE_CHECKING:
     from qisd.dht.node import DHTNode
 
 MAX_OFFSET = 100_000
-#: Status of each packet when the node is too busy to look at them: ask again later.
 MAX_LISTEN_TTL = 2**31 - 1
 #: One source may run at most 1/HANDLER_SHARE of the handlers that wait on storage.
 HANDLER_SHARE = 8

@@ -153,3 +153,14 @@ class Swarm:
     async def stop_all(self) -> None:
         for i in list(self._stops):
             await self.stop(i)
+
+
+@asynccontextmanager
+async def running_swarm(tmp: Path, manifest: Manifest, size: int) -> AsyncIterator[Swarm]:
+    """``size`` members that know each other (:meth:`Swarm.start_joined`), stopped
+    when the block ends."""
+    async with trio.open_nursery() as nursery:
+        swarm = Swarm(nursery, tmp, manifest=manifest)
+        await swarm.start_joined(size)
+        yield swarm
+        nursery.cancel_scope.cancel()

@@ -10,7 +10,7 @@ from typing import Any
 import msgpack
 import pytest
 import trio
-from dht_helpers import Swarm, eventually, make_packet, member, vector
+from dht_helpers import eventually, make_packet, member, running_swarm, vector
 from kademlia.node import Node
 
 from qisd.dht import DHTConfig, open_node
@@ -361,9 +361,7 @@ async def test_a_busy_closest_node_is_asked_again_not_passed_over(tmp_path: Path
     rng = random.Random(11)
     manifest = Manifest(replicas=2, tables=1)
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            swarm = Swarm(nursery, tmp_path, manifest=manifest)
-            await swarm.start_joined(6)
+        async with running_swarm(tmp_path, manifest, 6) as swarm:
             packet = make_packet(swarm.members[5].identity, rng, manifest=manifest)
             key = keys_for(manifest, packet.topic, packet.sketch.to_array())[0]
             target = Node(key)
@@ -382,20 +380,24 @@ async def test_a_busy_closest_node_is_asked_again_not_passed_over(tmp_path: Path
             report = await swarm.members[5].node.put_packet(packet)
             assert refused == [1] and report.ok
             assert closest.store.get(packet.id) is not None
-            nursery.cancel_scope.cancel()
+
+
+def last_member_batch(
+    swarm: Any, manifest: Manifest, *, seed: int, count: int
+) -> tuple[Any, list[Any]]:
+    """The swarm's last member and ``count`` packets of its own (seeded)."""
+    rng = random.Random(seed)
+    origin = swarm.members[max(swarm.members)]
+    return origin, [make_packet(origin.identity, rng, manifest=manifest) for _ in range(count)]
 
 
 async def test_put_packets_places_a_batch_once_per_key(tmp_path: Path) -> None:
     """Forty packets of one topic over 8 keys (2 tables x 2 bits): one placement per
     key carries every packet under it, and each lands at its key's closest nodes."""
-    rng = random.Random(12)
     manifest = Manifest(tables=2, bits=2, replicas=3)
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            swarm = Swarm(nursery, tmp_path, manifest=manifest)
-            await swarm.start_joined(8)
-            origin = swarm.members[7]
-            packets = [make_packet(origin.identity, rng, manifest=manifest) for _ in range(40)]
+        async with running_swarm(tmp_path, manifest, 8) as swarm:
+            origin, packets = last_member_batch(swarm, manifest, seed=12, count=40)
             stores = 0
             real = origin.node.packets.packet_call
 
@@ -419,4 +421,35 @@ async def test_put_packets_places_a_batch_once_per_key(tmp_path: Path) -> None:
                     held = [m for m in near[: manifest.replicas]
                             if m.store.get(packet.id) is not None]
                     assert len(held) == manifest.replicas
-            nursery.cancel_scope.cancel()
+
+
+async def test_a_packet_refused_in_a_batch_does_not_sink_its_siblings(tmp_path: Path) -> None:
+    """Every node refuses one packet of the batch (as over quota): the others still
+    land at their closest nodes and say so; the refused one reports its own copies
+    (only the origin's store took it)."""
+    manifest = Manifest(tables=1, bits=1, replicas=3)
+    with trio.fail_after(60):
+        async with running_swarm(tmp_path, manifest, 6) as swarm:
+            origin, packets = last_member_batch(swarm, manifest, seed=13, count=12)
+            refused = packets[3]
+            for m in swarm.members.values():
+                if m is origin:
+                    continue
+                real = m.node.rpc._methods["store_packets"]
+
+                def picky(addr: Any, args: list[Any], _real: Any = real) -> Any:
+                    from qisd.packet import packet_id
+
+                    if any(packet_id(raw) == refused.id for raw in args[2]):
+                        return {"status": ["rejected:quota"] * len(args[2]), "nodes": []}
+                    return _real(addr, args)
+
+                m.node.rpc._methods["store_packets"] = picky
+            reports = {r.packet_id: r for r in await origin.node.put_packets(packets)}
+            for packet in packets:
+                placement = reports[packet.id].placements[0]
+                if packet is refused:
+                    assert placement.stored == 1 and placement.local
+                    assert "rejected:quota" in placement.refusals
+                else:
+                    assert placement.stored >= manifest.replicas, placement
