@@ -71,22 +71,11 @@ class PacketOps(Inbound):
     async def put_packet(
         self, packet: OutcomePacket, *, keys: Sequence[bytes] | None = None
     ) -> PutReport:
-        node = self.node
-        check_admissible(packet, node.manifest, now_ms=node.wall_ms())
-        if keys is None:
-            keys = keys_for(node.manifest, packet.topic, packet.sketch.to_array())
-        if not keys:
-            raise PacketError("keys", "at least one key")
-        for key in keys:
-            if not isinstance(key, bytes) or len(key) != ID_BYTES:
-                raise PacketError("keys", f"each key must be {ID_BYTES} bytes")
-        placements = await self.each_key(keys, lambda key: self.place(key, [packet]))
-        if any(p.stored for p in placements):
-            # Republished as its origin; a packet no one took (the emit fails) is not.
-            await self.own.remember(packet, keys)
-        return PutReport(packet.id, tuple(placements))
+        return (await self.put_packets([packet], keys=keys))[0]
 
-    async def put_packets(self, packets: Sequence[OutcomePacket]) -> list[PutReport]:
+    async def put_packets(
+        self, packets: Sequence[OutcomePacket], *, keys: Sequence[bytes] | None = None
+    ) -> list[PutReport]:
         """:meth:`put_packet` for many packets at once, one report each.
 
         Packets that share a key are placed together: one placement lookup per key
@@ -96,16 +85,25 @@ class PacketOps(Inbound):
         of a group (quota, full, disk), its packets are placed again one by one, so
         each reports its own copies, not its siblings'. Every packet is checked
         before anything is sent (:class:`PacketError` names the first bad one).
+        ``keys``, when given, replace every packet's own (tests and benchmarks).
+        Packets some node took are remembered for republish as their origin; a
+        packet no one took (the emit fails) is not.
         """
         node = self.node
         now_ms = node.wall_ms()
+        if keys is not None:
+            if not keys:
+                raise PacketError("keys", "at least one key")
+            for key in keys:
+                if not isinstance(key, bytes) or len(key) != ID_BYTES:
+                    raise PacketError("keys", f"each key must be {ID_BYTES} bytes")
         keys_of: list[list[bytes]] = []
         by_key: dict[bytes, dict[bytes, OutcomePacket]] = {}
         for packet in packets:
             check_admissible(packet, node.manifest, now_ms=now_ms)
-            keys = keys_for(node.manifest, packet.topic, packet.sketch.to_array())
-            keys_of.append(keys)
-            for key in keys:
+            own = keys_for(node.manifest, packet.topic, packet.sketch.to_array())
+            keys_of.append(own if keys is None else list(keys))
+            for key in keys_of[-1]:
                 by_key.setdefault(key, {})[packet.id] = packet
         groups: list[tuple[bytes, list[OutcomePacket]]] = []
         for key, members in by_key.items():
@@ -130,10 +128,10 @@ class PacketOps(Inbound):
             for key, group in groups:
                 nursery.start_soon(place_group, key, group)
         reports: list[PutReport] = []
-        for packet, keys in zip(packets, keys_of, strict=True):
-            report = PutReport(packet.id, tuple(placed[key, packet.id] for key in keys))
+        for packet, its_keys in zip(packets, keys_of, strict=True):
+            report = PutReport(packet.id, tuple(placed[key, packet.id] for key in its_keys))
             if any(p.stored for p in report.placements):
-                await self.own.remember(packet, keys)
+                await self.own.remember(packet, its_keys)
             reports.append(report)
         return reports
 

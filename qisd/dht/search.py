@@ -258,17 +258,13 @@ class PacketSearch:
         node = self.node
         caught: dict[bytes, str] = {}
         fresh: dict[bytes, tuple[bytes, bytes]] = {}  # id -> (bytes, who sent them)
-        for peer, ids, (raws, answered) in await self.fetch(plan):
-            # Only what was asked for: the id is the hash of the bytes, so a node
-            # cannot pass off another packet as the one it reported.
-            wanted = set(ids)
-            by_id = {pid: raw for raw in raws if (pid := packet_id(raw)) in wanted}
+        for peer, ids, (by_id, answered) in await self.fetch(plan):
             if not answered:
                 caught[peer.id] = "no_answer"
             elif 2 * len(by_id) < len(ids):
                 caught[peer.id] = "withheld"
             else:
-                for pid in wanted - by_id.keys():
+                for pid in set(ids) - by_id.keys():
                     offers.forget(pid, peer.id)
             fresh.update((pid, (raw, peer.id)) for pid, raw in by_id.items())
         if not fresh:
@@ -296,9 +292,9 @@ class PacketSearch:
 
     async def fetch(
         self, plan: Iterable[tuple[Node, list[bytes]]]
-    ) -> list[tuple[Node, list[bytes], tuple[list[bytes], bool]]]:
+    ) -> list[tuple[Node, list[bytes], tuple[dict[bytes, bytes], bool]]]:
         """``get_packets`` from every node of the plan at once: what each returned."""
-        results: list[tuple[Node, list[bytes], tuple[list[bytes], bool]]] = []
+        results: list[tuple[Node, list[bytes], tuple[dict[bytes, bytes], bool]]] = []
 
         async def get(peer: Node, ids: list[bytes]) -> None:
             results.append((peer, ids, await self.get_packets(peer, ids)))
@@ -410,17 +406,21 @@ class PacketSearch:
         assert reply is not None
         return IdsReply(reply.nodes, [], [], False, True)
 
-    async def get_packets(self, peer: Node, ids: list[bytes]) -> tuple[list[bytes], bool]:
-        """The encodings ``peer`` returns for ``ids`` (those it holds), asking again
-        for the rest while it says ``more`` (they did not fit) or ``busy``; and
+    async def get_packets(
+        self, peer: Node, ids: list[bytes]
+    ) -> tuple[dict[bytes, bytes], bool]:
+        """The encodings ``peer`` returns for ``ids`` (those it holds), by id, asking
+        again for the rest while it says ``more`` (they did not fit) or ``busy``; and
         whether it gave a usable answer at all.
 
-        Only packets of ids asked for count, and every answer must shrink what is
-        left (or end the loop), so a peer that says ``more`` forever with junk
-        costs one call: at most ``len(ids)`` calls plus the busy retries in all.
+        Only packets of ids asked for count (the id is the hash of the bytes, so a
+        node cannot pass off another packet as the one it reported), and every
+        answer must shrink what is left (or end the loop), so a peer that says
+        ``more`` forever with junk costs one call: at most ``len(ids)`` calls plus
+        the busy retries in all.
         """
         node = self.node
-        out: list[bytes] = []
+        out: dict[bytes, bytes] = {}
         remaining = list(ids)
         busy = 0
         answered = False
@@ -440,7 +440,7 @@ class PacketSearch:
             answered = True
             wanted = set(asked)
             got = {pid: raw for raw in packets if (pid := packet_id(raw)) in wanted}
-            out.extend(got.values())
+            out.update(got)
             if more and not got:
                 break
             # Without ``more`` the asked ids it did not return are not held there.
