@@ -57,11 +57,24 @@ class StoreOwn(StoreReads):
         Returns the ids it displaced: older packets of its series, and the oldest
         beyond ``limit``.
         """
-        if not keys or any(len(k) != KEY_BYTES for k in keys):
-            raise ValueError(f"keys: each must be {KEY_BYTES} bytes, at least one")
+        return self.remember_own_many([(packet, keys)], limit=limit)
+
+    def remember_own_many(
+        self, items: Sequence[tuple[OutcomePacket, Sequence[bytes]]], *, limit: int
+    ) -> list[bytes]:
+        """:meth:`remember_own` for each ``(packet, keys)`` in order, all in one
+        transaction (a bulk emit): all are kept or, on an error, none."""
+        for _, keys in items:
+            if not keys or any(len(k) != KEY_BYTES for k in keys):
+                raise ValueError(f"keys: each must be {KEY_BYTES} bytes, at least one")
+        if not items:
+            return []
         with self._lock, self._writing() as conn:
             try:
-                return self._remember(conn, packet, keys, limit)
+                dropped: list[bytes] = []
+                for packet, keys in items:
+                    dropped += self._remember(conn, packet, keys, limit)
+                return dropped
             except BaseException:
                 self._own_rows = None  # rolled back: count again
                 raise

@@ -46,6 +46,35 @@ def test_own_keeps_the_newest_of_a_series_and_at_most_limit(tmp_path: Path) -> N
     store.close()
 
 
+def test_a_bulk_remember_is_one_transaction_with_the_same_rules(tmp_path: Path) -> None:
+    """remember_own_many: series and limit applied in order within the batch, and a
+    batch that fails part-way leaves nothing of itself behind."""
+    store = PacketStore.open(tmp_path / "p.db")
+    k = nacl.signing.SigningKey(b"\x07" * 32)
+    series = b"\x03" * 16
+    old = packet(1, key=k, kind=KIND_SYNTHESIS, series=series, created_ms=NOW)
+    new = packet(2, key=k, kind=KIND_SYNTHESIS, series=series, created_ms=NOW + 1)
+    plain = [packet(10 + i, created_ms=NOW + 10 + i) for i in range(3)]
+    items = [(old, [KEY_A]), (new, [KEY_A]), *((p, [KEY_B]) for p in plain)]
+    assert store.remember_own_many(items, limit=3) == [old.id, new.id]
+    assert [p for p, _ in store.own_packets(NOW)] == plain
+    # A bad item anywhere refuses the whole batch before anything is written.
+    more = [packet(20 + i, created_ms=NOW + 20 + i) for i in range(2)]
+    with pytest.raises(ValueError, match="keys"):
+        store.remember_own_many([(more[0], [KEY_A]), (more[1], [b"short"])], limit=10)
+    # A failure inside the transaction rolls back every row of the batch.
+    with pytest.raises(AttributeError):
+        store.remember_own_many(
+            [(more[0], [KEY_A]), (more[1], [KEY_A]), (object(), [KEY_A])],  # type: ignore[list-item]
+            limit=10,
+        )
+    assert [p for p, _ in store.own_packets(NOW)] == plain
+    assert store.remember_own_many([], limit=10) == []
+    store.close()
+    with sqlite3.connect(tmp_path / "p.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM own").fetchone()[0] == 3
+
+
 def test_own_packets_expire_with_the_store(tmp_path: Path) -> None:
     store = PacketStore.open(tmp_path / "p.db")
     short, long = packet(1, ttl_s=60), packet(2, ttl_s=3600)

@@ -99,14 +99,14 @@ class Inbound:
         self.after_store(key, good, results, source)
         stored = iter(results)
         statuses: list[str] = []
-        held: list[bytes] = []
+        held: list[tuple[bytes, int]] = []
         for item in checked:
             if isinstance(item, PacketError):
                 statuses.append(f"rejected:{item.reason}")
             else:
                 statuses.append(status_text(next(stored)))
                 if holder and statuses[-1] in OK_STATUSES:
-                    held.append(item.id)
+                    held.append((item.id, item.expires_ms))
         if held:
             self.recent.note(key, held, trio.current_time())
         self.node.counters.packet_statuses(statuses)

@@ -260,6 +260,10 @@ async def expire(node: DHTNode) -> None:
     node.listeners.expire(now)
     for key in [k for k, until in node.subscriptions.items() if until <= now]:
         del node.subscriptions[key]
+    # What is kept in memory about packets follows them out, not the republish interval.
+    now_ms = node.wall_ms()
+    node.packets.recent.forget_expired(now_ms)
+    node.packets.own.forget_expired(now_ms)
     if node.store is not None:
         try:
             await node.in_thread(node.store.expire, node.wall_ms())

@@ -52,22 +52,33 @@ class OwnPackets:
             self._add(packet, keys)
 
     async def remember(self, packet: OutcomePacket, keys: Sequence[bytes]) -> None:
-        if not self._add(packet, tuple(keys)):
-            return
+        await self.remember_many([(packet, keys)])
+
+    async def remember_many(self, items: Sequence[tuple[OutcomePacket, Sequence[bytes]]]) -> None:
+        """Hold each ``(packet, keys)`` for republish, and write them to the store in
+        one transaction (a bulk emit is one write, not one per packet)."""
+        kept = [(packet, tuple(keys)) for packet, keys in items if self._add(packet, tuple(keys))]
         store = self.node.store
-        if store is None:
+        if store is None or not kept:
             return
         try:
-            await self.node.in_thread(store.remember_own, packet, tuple(keys), limit=self.limit)
+            await self.node.in_thread(store.remember_own_many, kept, limit=self.limit)
         except StoreError as exc:
-            log.warning("own packet kept for republish in memory only",
-                        packet=packet.id.hex(), code=exc.code, error=str(exc))
+            log.warning("own packets kept for republish in memory only",
+                        packets=len(kept), first=kept[0][0].id.hex(), code=exc.code,
+                        error=str(exc))
+
+    def forget_expired(self, now_ms: int) -> int:
+        """Forget the packets expired by ``now_ms`` (the store's rows go at its own
+        sweep); returns how many."""
+        gone = [pid for pid, (packet, _) in self.items.items() if packet.expires_ms <= now_ms]
+        for pid in gone:
+            self._drop(pid)
+        return len(gone)
 
     def live(self, now_ms: int) -> dict[bytes, list[OutcomePacket]]:
         """The live packets by key (expired ones are forgotten here)."""
-        for pid, (packet, _) in list(self.items.items()):
-            if packet.expires_ms <= now_ms:
-                self._drop(pid)
+        self.forget_expired(now_ms)
         by_key: dict[bytes, list[OutcomePacket]] = {}
         for packet, keys in self.items.values():
             for key in keys:

@@ -128,11 +128,13 @@ class PacketOps(Inbound):
             for key, group in groups:
                 nursery.start_soon(place_group, key, group)
         reports: list[PutReport] = []
+        taken: list[tuple[OutcomePacket, list[bytes]]] = []
         for packet, its_keys in zip(packets, keys_of, strict=True):
             report = PutReport(packet.id, tuple(placed[key, packet.id] for key in its_keys))
             if any(p.stored for p in report.placements):
-                await self.own.remember(packet, its_keys)
+                taken.append((packet, its_keys))
             reports.append(report)
+        await self.own.remember_many(taken)
         return reports
 
     async def place(self, key: bytes, packets: Sequence[OutcomePacket]) -> KeyPlacement:

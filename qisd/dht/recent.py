@@ -10,7 +10,9 @@ fewer than ``replicas`` nodes under load, so the holders' first republish after 
 must run), a placement passing through, or a replay of public packets (no peer
 outside the key's neighbourhood can switch a holder's republish off). An entry no
 holder has stored lately (a copy a republish missed, a holder that left) is
-republished as before. Pure: the caller passes the time.
+republished as before. An entry whose packet expired leaves at the next expiry sweep
+(:meth:`RecentStores.forget_expired`), so what is held here follows the live
+packets, not the republish interval. Pure: the caller passes the times.
 """
 
 from __future__ import annotations
@@ -27,19 +29,38 @@ class RecentStores:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
         self._at: dict[tuple[bytes, bytes], float] = {}
+        #: When each noted packet expires (wall ms), one per packet, not per key.
+        self._expires: dict[bytes, int] = {}
 
     def __len__(self) -> int:
         return len(self._at)
 
-    def note(self, key: bytes, ids: Iterable[bytes], now: float) -> None:
-        """Another holder of ``key`` stored these packets under it here at ``now``."""
-        at = self._at
-        for pid in ids:
+    def note(self, key: bytes, packets: Iterable[tuple[bytes, int]], now: float) -> None:
+        """Another holder of ``key`` stored these packets (``(id, expires_ms)``) under
+        it here at ``now``."""
+        at, expires = self._at, self._expires
+        for pid, expires_ms in packets:
             at.pop((key, pid), None)  # re-insert: dict order stays oldest first
             at[(key, pid)] = now
+            expires[pid] = expires_ms
         if len(at) > self.max_entries:
             for entry in list(at)[: len(at) - self.max_entries // 2]:
                 del at[entry]
+            self._keep_expiries_of_entries()
+
+    def forget_expired(self, now_ms: int) -> int:
+        """Drop the entries of packets expired by ``now_ms``; returns how many."""
+        gone = {pid for pid, expires_ms in self._expires.items() if expires_ms <= now_ms}
+        if not gone:
+            return 0
+        before = len(self._at)
+        self._at = {entry: when for entry, when in self._at.items() if entry[1] not in gone}
+        self._keep_expiries_of_entries()
+        return before - len(self._at)
+
+    def _keep_expiries_of_entries(self) -> None:
+        held = {pid for _, pid in self._at}
+        self._expires = {pid: e for pid, e in self._expires.items() if pid in held}
 
     def fresh(self, key: bytes, pid: bytes, now: float, within: float) -> bool:
         """Whether a peer stored this entry here less than ``within`` seconds ago."""
@@ -56,3 +77,5 @@ class RecentStores:
             stale.append(entry)
         for entry in stale:
             del at[entry]
+        if stale:
+            self._keep_expiries_of_entries()

@@ -14,7 +14,7 @@ from dht_helpers import make_packet, member
 from kademlia.node import Node
 
 from qisd.dht import DHTConfig
-from qisd.dht.maintenance import republish, republish_own
+from qisd.dht.maintenance import expire, republish, republish_own
 from qisd.dht.recent import RecentStores
 from qisd.identity import Identity
 from qisd.manifest import Manifest
@@ -31,17 +31,31 @@ def store_rpcs_out(node: object) -> int:
 
 def test_recent_stores_remembers_within_the_interval() -> None:
     recent = RecentStores(max_entries=4)
-    recent.note(b"k", [b"a", b"b"], now=100.0)
+    far = 10**15  # expiry (wall ms) of packets that outlive the test
+    recent.note(b"k", [(b"a", far), (b"b", far)], now=100.0)
     assert recent.fresh(b"k", b"a", 150.0, within=60.0)
     assert not recent.fresh(b"k", b"a", 160.0, within=60.0)
     assert not recent.fresh(b"other", b"a", 150.0, within=60.0)
-    recent.note(b"k", [b"a"], now=130.0)  # stored again: fresh again, now newest
+    recent.note(b"k", [(b"a", far)], now=130.0)  # stored again: fresh again, now newest
     recent.forget_older(now=170.0, age=60.0)
     assert len(recent) == 1 and recent.fresh(b"k", b"a", 170.0, within=60.0)
-    recent.note(b"k", [b"c", b"d", b"e", b"f"], now=200.0)  # over the cap: oldest half go
-    assert len(recent) <= 4
+    recent.note(b"k", [(pid, far) for pid in (b"c", b"d", b"e", b"f")], now=200.0)
+    assert len(recent) <= 4  # over the cap: the oldest half went
     assert not recent.fresh(b"k", b"a", 200.0, within=600.0)
     assert recent.fresh(b"k", b"f", 200.0, within=600.0)
+
+
+def test_recent_stores_forget_expired_packets_under_every_key() -> None:
+    recent = RecentStores()
+    recent.note(b"k1", [(b"a", 1_000), (b"b", 5_000)], now=1.0)
+    recent.note(b"k2", [(b"a", 1_000), (b"c", 9_000)], now=2.0)
+    assert recent.forget_expired(999) == 0 and len(recent) == 4
+    assert recent.forget_expired(1_000) == 2  # "a" under both keys
+    assert not recent.fresh(b"k1", b"a", 3.0, within=60.0)
+    assert recent.fresh(b"k1", b"b", 3.0, within=60.0)
+    assert recent.fresh(b"k2", b"c", 3.0, within=60.0)
+    assert recent.forget_expired(10_000) == 2 and len(recent) == 0
+    assert recent._expires == {}  # nothing about forgotten packets is left behind
 
 
 def key_in_order(members: list[Any], order: list[int], rng: random.Random) -> bytes:
@@ -171,3 +185,27 @@ async def test_a_packet_expiring_on_the_way_does_not_cost_a_replica(tmp_path: Pa
             assert placed.stored == 2 and not placed.local
             assert placed.refusals == ()
             assert holds(b, key, good.id) and holds(c, key, good.id)
+
+
+async def test_the_expiry_sweep_forgets_what_memory_held_about_expired_packets(
+    tmp_path: Path,
+) -> None:
+    """Own packets kept for republish and other holders' recent stores follow their
+    packets out at the expiry sweep, not an hour later at the next republish."""
+    rng = random.Random(7)
+    manifest = Manifest(replicas=2)
+    with trio.fail_after(30):
+        async with three(tmp_path, manifest) as (a, b, c):
+            key = key_in_order([a, b, c], [1, 2, 0], rng)
+            short = make_packet(a.identity, rng, manifest=manifest, ttl_s=1)
+            long = make_packet(a.identity, rng, manifest=manifest)
+            assert all(r.ok for r in await a.node.packets.put_packets([short, long], keys=[key]))
+            ops = a.node.packets
+            ops.recent.note(key, [(short.id, short.expires_ms), (long.id, long.expires_ms)],
+                            trio.current_time())
+            assert len(ops.own) == 2 and len(ops.recent) == 2
+            await trio.sleep(1.1)
+            await expire(a.node)
+            assert list(ops.own.items) == [long.id]
+            assert len(ops.recent) == 1
+            assert ops.recent.fresh(key, long.id, trio.current_time(), within=60.0)
