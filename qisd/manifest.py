@@ -439,6 +439,8 @@ def read_capped(path: Path, limit: int) -> bytes:
 def load_manifest(path: str | Path) -> Manifest:
     """Read a manifest file: ``.toml`` (hex binary fields) or ``.msgpack``."""
     path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".msgpack"):
         raise ManifestError(f"{path}: unknown manifest format {suffix!r} (.toml or .msgpack)")

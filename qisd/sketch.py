@@ -9,7 +9,6 @@ differ between platforms.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,10 +46,19 @@ def normalize(vector: Sequence[float] | npt.ArrayLike) -> FloatArray:
         raise FingerprintError(f"vector: {arr.size} dimensions, at most {MAX_DIM} allowed")
     if not np.all(np.isfinite(arr)):
         raise FingerprintError("vector: contains NaN or infinity")
-    norm = float(np.linalg.norm(arr))
-    if norm == 0.0 or not math.isfinite(norm):
-        raise FingerprintError("vector: has zero length")
-    return arr / norm
+    peak = float(np.max(np.abs(arr)))
+    if peak == 0.0:
+        raise FingerprintError("vector: has zero length (every component is 0)")
+    if not _SAFE_PEAK[0] < peak < _SAFE_PEAK[1]:
+        # Squares of components this large or small overflow or underflow: scale
+        # first (only here, so every other vector normalizes exactly as it always has).
+        arr = arr / peak
+    return arr / float(np.linalg.norm(arr))
+
+
+#: Largest |component| whose squares (summed over MAX_DIM components) stay finite and
+#: normal in float64.
+_SAFE_PEAK = (1e-150, 1e150)
 
 
 @dataclass(frozen=True, slots=True)

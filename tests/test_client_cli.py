@@ -80,7 +80,7 @@ def test_socket_from_environment(sock: str) -> None:
 
 def test_peers_packets_bootstrap(sock: str, api: FakeAPI) -> None:
     peers = run("peers", "--socket", sock)
-    assert peers.stdout.splitlines()[0].split() == ["NODE_ID", "ADDRESS", "LAST_SEEN_S"]
+    assert peers.stdout.splitlines()[0].split() == ["NODE_ID", "ADDRESS"]
     assert "10.0.0.2:4470" in peers.stdout
     assert json.loads(run("peers", "--socket", sock, "--json").stdout)["peers"][0][
         "address"] == "10.0.0.2:4470"
@@ -538,6 +538,32 @@ def test_bootstrap_that_reached_no_peer_fails_naming_the_addresses(failed: bool)
     out = json.loads(as_json.stdout)
     assert out["contacted"] == 0 and out["error"]["code"] == "unreachable"
     assert "10.0.0.5:4470" in out["error"]["message"]
+
+
+class KnownPeersAPI(FakeAPI):
+    """A node that already has peers: its join lookup reaches them whatever the
+    addresses given did."""
+
+    def __init__(self, dead: set[str]) -> None:
+        super().__init__()
+        self.dead = dead
+
+    async def bootstrap(self, *, addresses: list[str]) -> dict[str, Any]:
+        return {"contacted": 3, "peers": 3,
+                "failed": [{"address": a, "reason": "no answer"} for a in addresses
+                           if a in self.dead]}
+
+
+def test_bootstrap_fails_when_no_address_given_answered_though_known_peers_did() -> None:
+    with serving(KnownPeersAPI({"127.0.0.1:9", "127.0.0.1:10"})) as (path, _):
+        none = run("bootstrap", "127.0.0.1:9", "127.0.0.1:10", "--socket", str(path), "--json")
+        some = run("bootstrap", "127.0.0.1:9", "127.0.0.1:11", "--socket", str(path))
+    assert none.exit_code == 1
+    out = json.loads(none.stdout)
+    assert out["contacted"] == 3 and out["error"]["code"] == "unreachable"
+    assert "127.0.0.1:9 (no answer)" in out["error"]["message"]
+    assert some.exit_code == 0
+    assert some.stderr == "warning: 127.0.0.1:9: no answer\n"
 
 
 # -- --socket paths that cannot be a control socket ------------------------------

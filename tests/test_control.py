@@ -292,7 +292,18 @@ def req(rid: Any, method: str, **params: Any) -> bytes:
          "bad_request", 12, "'addresses'"),
         (b'{"v": 1, "id": 13, "method": "status", "params": []}', "bad_request", 13,
          "'params'"),
-        (b"\xff\xfe", "bad_request", None, "not valid JSON"),
+        (b"\xff\xfe", "bad_request", None, "not UTF-8 text: byte 0xff at offset 0"),
+        (b'{"v": 1, "id": "\xe9"}', "bad_request", None, "byte 0xe9 at offset 16"),
+        # Lone surrogate escapes are JSON but not text: refused, the place named, and
+        # the id kept when it is itself good.
+        (b'{"v": 1, "id": "\\ud800", "method": "identity"}', "bad_request", None,
+         "id: a lone surrogate"),
+        (b'{"v": 1, "id": 14, "method": "emit", "params": {"topic": "a\\udc00"}}',
+         "bad_request", 14, "params.topic: a lone surrogate"),
+        (b'{"v": 1, "id": 15, "method": "emit_many", "params": {"items": [{}, {"outcome":'
+         b' {"k": "\\uD83D"}}]}}', "bad_request", 15, "params.items[1].outcome.k"),
+        (b'{"v": 1, "id": 16, "method": "status", "params": {"\\udfff": 1}}',
+         "bad_request", 16, "params.'\\udfff'"),
     ],
 )
 def test_parse_request_rejections(line: bytes, code: str, rid: Any, named: str) -> None:
@@ -492,6 +503,40 @@ def test_error_replies_name_the_problem_and_keep_the_connection() -> None:
     assert snapshot.requests[("-", "too_large")] == 1
     with pytest.raises(TypeError):
         snapshot.requests[("status", "ok")] = 0  # type: ignore[index]
+
+
+def test_a_surrogate_or_a_handler_bug_ends_one_request_or_connection_not_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lone-surrogate id (it cannot be echoed as UTF-8) is answered with id null; a
+    bug met while serving one connection closes that connection, and the server
+    goes on serving the others."""
+    import qisd.control.server as server_module
+
+    real_parse = server_module.parse_request
+
+    def parse_or_fail(line: bytes) -> Any:
+        if b"explode" in line:
+            raise RuntimeError("a bug")
+        return real_parse(line)
+
+    monkeypatch.setattr(server_module, "parse_request", parse_or_fail)
+    with serving(FakeAPI()) as (path, stats):
+        with raw_connect(path) as sock:
+            sock.sendall(b'{"v":1,"id":"\\ud800","method":"identity"}\n')
+            sock.sendall(b'{"v":1,"id":3,"method":"emit","params":{"topic":"\\ud800x",'
+                         b'"vector":[1],"outcome":{}}}\n')
+            sock.sendall(req(4, "status"))
+            replies = read_lines(sock, 3)
+        assert [(r["id"], r.get("error", {}).get("code")) for r in replies] == [
+            (None, "bad_request"), (3, "bad_request"), (4, None)]
+        assert "id: a lone surrogate" in replies[0]["error"]["message"]
+        with raw_connect(path) as sock:
+            sock.sendall(b'{"explode": 1}\n')
+            sock.settimeout(TIMEOUT)
+            assert sock.recv(100) == b""  # closed, no reply
+        assert status_of(path)["peers"] == 2
+        assert stats.statistics().connections_failed == 1
 
 
 def test_client_raises_control_error_with_code() -> None:

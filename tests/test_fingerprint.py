@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from qisd.fingerprint import LSH, hyperplane_block, hyperplanes, keys_for, probe_keys
 from qisd.manifest import Manifest, ManifestError, TopicParams
-from qisd.sketch import FingerprintError
+from qisd.sketch import FingerprintError, normalize
 
 SEED = bytes(range(32))
 MANIFEST = Manifest(seed=SEED)  # defaults: 8 tables x 4 bits
@@ -297,6 +297,18 @@ def test_probes_are_deterministic_and_ordered(vector: list[float], budget: int) 
     assert [k for _, _, k in first[:8]] == lsh.keys(vector)[: min(budget, 8)]
     scores = probe_scores(lsh, vector, budget)
     assert all(b >= a - 1e-12 for a, b in itertools.pairwise(scores))
+
+
+def test_vectors_of_extreme_magnitude_keep_their_direction() -> None:
+    """Finite, non-zero vectors whose squares overflow or underflow float64 are
+    scaled first: the same unit vector and keys as at an ordinary scale."""
+    base = np.arange(1.0, 9.0)
+    for scale in (1e-200, 1e-305, 1e200, 1e300):
+        assert np.allclose(normalize(base * scale), normalize(base), rtol=0, atol=1e-12)
+        assert keys_for(MANIFEST, "demo", base * scale) == keys_for(MANIFEST, "demo", base)
+    assert np.allclose(normalize([5e-324, 0.0]), [1.0, 0.0])  # the smallest subnormal
+    big = np.finfo(np.float64).max
+    assert np.allclose(normalize([big, big]), [2**-0.5, 2**-0.5])
 
 
 def test_bad_input_is_named() -> None:

@@ -316,7 +316,7 @@ def test_decode_rejects_malformed_input() -> None:
 def test_load_manifest_errors_name_the_file(tmp_path: Path) -> None:
     cases = {
         "m.json": "unknown manifest format",
-        "missing.toml": "cannot read",
+        "missing.toml": "no such file",
         "bad.toml": "not valid TOML",
         "bad.msgpack": "not valid msgpack",
         "field.toml": "replicas: must be in",

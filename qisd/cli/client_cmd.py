@@ -26,7 +26,7 @@ from qisd.cli.output import Failure, echo, echo_json, failure, report, warn
 from qisd.control.calls import SOCKET_ENV
 from qisd.control.client import Client
 from qisd.control.errors import ControlError
-from qisd.control.protocol import check_params, loads
+from qisd.control.protocol import MAX_K, MAX_LIMIT, check_params, loads
 
 __all__ = ["EXIT_HELP", "parse_outcome", "parse_vector", "register"]
 
@@ -244,7 +244,8 @@ def packets(
     as_json: JsonOption = False,
     topic: Annotated[str | None, typer.Option("--topic", "-t", help="Only this topic.",
                                               show_default=False)] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 100,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=MAX_LIMIT,
+                                       help="At most this many.")] = 100,
 ) -> None:
     """List packets stored on this node, newest first."""
     params: dict[str, Any] = {"limit": limit}
@@ -281,7 +282,9 @@ def bootstrap(
     with _connected(socket, as_json) as client:
         result = client.call("bootstrap", {"addresses": checked})
     reasons = _bootstrap_failures(result)
-    if result.get("contacted") == 0:
+    # Peers already in the table answer the join's lookup too: what counts is whether
+    # any address given here answered.
+    if result.get("contacted") == 0 or all(a in reasons for a in checked):
         tried = ", ".join(f"{a} ({reasons[a]})" if a in reasons else a for a in checked)
         fail = Failure("unreachable", f"joined no swarm through: {tried}")
         if not as_json:
@@ -362,7 +365,7 @@ def query(
     topic: Annotated[str | None, typer.Option("--topic", "-t", help="The topic.",
                                               show_default=False)] = None,
     vector: VectorOption = None,
-    k: Annotated[int | None, typer.Option("-k", "--k", min=1, show_default=False,
+    k: Annotated[int | None, typer.Option("-k", "--k", min=1, max=MAX_K, show_default=False,
                                           help="How many matches (default 10).")] = None,
     file: FileOption = None,
 ) -> None:

@@ -9,7 +9,6 @@ path fits), so a deploy can fail at ``check`` rather than at start.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ import typer
 
 from qisd.cli.output import echo
 from qisd.config import Config, ConfigError, load_config, to_dict, to_toml
+from qisd.config_checks import runtime_problems
 
 __all__ = ["config_app", "register"]
 
@@ -47,34 +47,6 @@ def _load(file: Path | None) -> Config:
         _fail(exc.problems)
 
 
-def _synthesizers() -> list[str]:
-    return sorted(ep.name for ep in importlib.metadata.entry_points(group="qisd.synthesizers"))
-
-
-def _runtime_problems(config: Config) -> list[str]:
-    """What loading does not verify but the daemon needs at start."""
-    problems: list[str] = []
-    try:
-        config.resolved_socket()
-    except ConfigError as exc:
-        problems += exc.problems
-    manifest = config.node.manifest
-    if manifest and not Path(manifest).is_file():
-        where = config.source_of("node.manifest")
-        problems.append(f"{where}: node.manifest: no such file {manifest!r}")
-    if config.synthesis.enabled:
-        name = config.synthesis.synthesizer
-        installed = _synthesizers()
-        if name not in installed:
-            where = config.source_of("synthesis.synthesizer")
-            known = ", ".join(installed) or "none"
-            problems.append(
-                f"{where}: synthesis.synthesizer: no {name!r} in entry point group"
-                f" qisd.synthesizers (installed: {known})"
-            )
-    return problems
-
-
 def _describe(config: Config) -> str:
     what = str(config.source_file) if config.source_file else "embedded defaults"
     env_vars = sorted({s.name for s in config.sources.values() if s.kind == "env"})
@@ -89,7 +61,7 @@ def check(
 ) -> None:
     """Validate a config file and the QISD_* environment; exit 1 naming every problem."""
     config = _load(file)
-    problems = _runtime_problems(config)
+    problems = runtime_problems(config)
     if problems:
         _fail(tuple(problems))
     typer.echo(f"ok: {_describe(config)}")

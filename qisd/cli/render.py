@@ -112,8 +112,8 @@ def render_peers(result: Mapping[str, Any]) -> str:
     peers = result.get("peers") or []
     if not peers:
         return "no peers (this node is alone; join a swarm with: qisd bootstrap HOST:PORT)"
-    rows = [(p.get("node_id"), p.get("address"), p.get("last_seen_s")) for p in peers]
-    return table(("node_id", "address", "last_seen_s"), rows)
+    rows = [(p.get("node_id"), p.get("address")) for p in peers]
+    return table(("node_id", "address"), rows)
 
 
 def _created(ms: Any) -> str:

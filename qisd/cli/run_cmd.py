@@ -59,25 +59,30 @@ def run(
         for problem in exc.problems:
             typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(code=2) from None
+    from qisd.config_checks import runtime_problems
+
+    problems = runtime_problems(cfg)
+    if problems:
+        for problem in problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(code=2)
 
     import trio
 
-    from qisd.daemon.errors import StartupError, describe_startup_error
+    from qisd.daemon.errors import describe_startup_error
     from qisd.daemon.run import run_daemon
     from qisd.logs import configure_logging
 
     configure_logging(cfg.log.level, cfg.log.format)
     try:
         trio.run(run_daemon, cfg)
-    except StartupError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     except Exception as exc:
-        message = describe_startup_error(exc)
-        if message is None:
+        known = describe_startup_error(exc)
+        if known is None:
             raise
+        message, code = known
         typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(code=1) from None
+        raise typer.Exit(code=code) from None
     sys.stdout.flush()
 
 

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -294,15 +295,61 @@ def _finite_float(text: str) -> float:
     return value
 
 
+class NotUnicode(ValueError):
+    """A JSON string escapes a lone UTF-16 surrogate (``"\\ud800"``): valid JSON
+    syntax, but not Unicode text, and it cannot be written back out as UTF-8.
+    ``value`` is what the line parsed to (so a request's id can still be answered)."""
+
+    def __init__(self, message: str, value: Any) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+#: Where a lone surrogate can come from: a ``\\uD800``-``\\uDFFF`` escape.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
 def loads(line: bytes | str) -> Any:
     """Strict JSON: raises ValueError for anything else, including ``NaN``,
     ``Infinity`` and numbers beyond float range, which would reach the daemon as
-    non-finite floats, and an object naming a key twice (JSON parsers disagree on
-    which one wins; here neither is silently dropped)."""
-    return json.loads(
+    non-finite floats, an object naming a key twice (JSON parsers disagree on
+    which one wins; here neither is silently dropped), and :class:`NotUnicode` for
+    a string with a lone surrogate (paired surrogates, as ``"\\ud83d\\ude00"``,
+    are one character and fine)."""
+    value = json.loads(
         line, parse_constant=_reject_constant, parse_float=_finite_float,
         object_pairs_hook=_unique_keys,
     )
+    raw = line.encode("utf-8", "surrogatepass") if isinstance(line, str) else line
+    if _SURROGATE_ESCAPE.search(raw):
+        where = _lone_surrogate(value, "")
+        if where is not None:
+            raise NotUnicode(f"{where or 'the value'}: a lone surrogate escape "
+                             "(\\ud800-\\udfff not in a pair)", value)
+    return value
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string (or key) in ``value`` that is not Unicode text."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return at
+        elif isinstance(item, dict):
+            for key, inner in reversed(item.items()):
+                here = f"{at}.{key}" if at else str(key)
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"{at}.{key!a}" if at else f"{key!a}"
+                stack.append((inner, here))
+        elif isinstance(item, list):
+            stack.extend((inner, f"{at}[{i}]") for i, inner in reversed(list(enumerate(item))))
+    return None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -314,13 +361,29 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+#: Bounds the daemon holds ``query``'s ``k`` and ``packets``' ``limit`` to.
+MAX_K = 200
+MAX_LIMIT = 10_000
+
 _REQUEST_FIELDS = frozenset({"v", "id", "method", "params"})
 
 
 def parse_request(line: bytes) -> Request | Rejection:
     """Decide what one request line asks for, or why it is refused."""
     try:
-        msg = loads(line)
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejection(None, ControlError(
+            BAD_REQUEST, f"request is not UTF-8 text: byte 0x{line[exc.start]:02x} at offset"
+                         f" {exc.start} ({exc.reason})"))
+    try:
+        msg = loads(text)
+    except NotUnicode as exc:
+        rid = exc.value.get("id") if isinstance(exc.value, dict) else None
+        if (not isinstance(rid, int | str) or isinstance(rid, bool)
+                or _lone_surrogate(rid, "") is not None):
+            rid = None  # answered as a connection-level error
+        return Rejection(rid, ControlError(BAD_REQUEST, f"request is not Unicode text: {exc}"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and bad UTF-8 alike
         return Rejection(None, ControlError(BAD_REQUEST, f"request is not valid JSON: {exc}"))
     if not isinstance(msg, dict):

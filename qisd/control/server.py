@@ -173,6 +173,10 @@ class _Server:
                 with self.drain.connection() as slot, slot.scope:
                     if await self._authorize(conn):
                         await self._serve(conn, slot)
+        except Exception:
+            # A bug met by one client's input ends that connection, never the daemon.
+            log.exception("control connection failed; closed")
+            self.stats.connections_failed += 1
         finally:
             self.stats.connections_open -= 1
 

@@ -27,6 +27,8 @@ class ControlStatistics:
     connections_refused: int
     #: Connections closed because the peer's credentials were not allowed.
     connections_forbidden: int
+    #: Connections closed by an unexpected error in their handling (a bug; logged).
+    connections_failed: int
 
 
 @dataclass
@@ -38,6 +40,7 @@ class ControlStats:
     connections_open: int = 0
     connections_refused: int = 0
     connections_forbidden: int = 0
+    connections_failed: int = 0
 
     def record(self, method: str, result: str) -> None:
         self.requests[(method, result)] += 1
@@ -49,4 +52,5 @@ class ControlStats:
             connections_open=self.connections_open,
             connections_refused=self.connections_refused,
             connections_forbidden=self.connections_forbidden,
+            connections_failed=self.connections_failed,
         )

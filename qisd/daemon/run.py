@@ -23,7 +23,7 @@ from qisd import __version__
 from qisd.config import Config, format_hostport
 from qisd.control.server import Drain, serve_control
 from qisd.control.stats import ControlStats
-from qisd.daemon.errors import StartupError
+from qisd.daemon.errors import EXIT_CONFIG, StartupError
 from qisd.daemon.lock import StateDirLock
 from qisd.daemon.notify import Notifier
 from qisd.daemon.service import NodeService
@@ -59,7 +59,8 @@ def check_membership(manifest: Manifest, identity: Identity, path: str) -> None:
             f"manifest {path}: the closed swarm {manifest.name!r} does not list this"
             f" node's key {identity.public_key.hex()} (its members would not answer it"
             " nor accept its packets); add the key to the member list with `qisd"
-            " manifest new ... --member KEY` and give every node the new file"
+            " manifest new ... --member KEY` and give every node the new file",
+            exit_code=EXIT_CONFIG,
         )
 
 
@@ -91,9 +92,9 @@ def dht_config(config: Config) -> DHTConfig:
 async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> None:
     """Run until SIGTERM/SIGINT. Raises on a startup failure (the CLI reports it)."""
     notifier = notifier or Notifier()
+    manifest = load_swarm_manifest(config)  # a bad one stops the start before any write
     state_dir = config.resolved_state_dir()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    manifest = load_swarm_manifest(config)
     with StateDirLock(state_dir):
         identity = Identity.load_or_create(state_dir / KEY_FILE_NAME)
         check_membership(manifest, identity, config.node.manifest)

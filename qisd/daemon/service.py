@@ -20,6 +20,7 @@ from qisd import __version__
 from qisd.answer import answer_query, match_summary
 from qisd.config import Config, format_hostport, parse_hostport
 from qisd.control.errors import ControlError
+from qisd.control.protocol import MAX_K, MAX_LIMIT
 from qisd.daemon.watch import Subscription, WatchHub
 from qisd.dht import DHTNode
 from qisd.fingerprint import LSH, keys_for, probe_keys
@@ -33,7 +34,6 @@ from qisd.synthesis.worker import WorkerState
 
 #: Items per bulk emit request; the CLI sends batches of this size.
 MAX_EMIT_BATCH = 1000
-MAX_K = 200
 #: Largest table-0 code width a topic-wide watch subscribes to whole (2**bits keys).
 MAX_WATCH_BITS = 8
 #: Seconds between listen attempts while a watched key has no node to register at.
@@ -148,7 +148,7 @@ class NodeService:
             if port == 0:
                 raise ControlError("invalid", f"addresses: {text}: port 0 is no peer's port")
         found, failed = await self.node.join(addrs)
-        if found:
+        if found and len(failed) < len(set(addrs)):
             self.last_bootstrap = time.time()
         return {
             "contacted": len(found),
@@ -314,8 +314,8 @@ class NodeService:
     # -- packets and watch ---------------------------------------------------------
 
     async def packets(self, topic: str | None = None, limit: int = 100) -> dict[str, Any]:
-        if type(limit) is not int or not 1 <= limit <= 10_000:
-            raise ControlError("invalid", "limit: must be an integer in 1..10000")
+        if type(limit) is not int or not 1 <= limit <= MAX_LIMIT:
+            raise ControlError("invalid", f"limit: must be an integer in 1..{MAX_LIMIT}")
         found = await trio.to_thread.run_sync(
             lambda: self.store.recent(topic=topic, limit=limit, now_ms=now_ms())
         )

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from qisd.packet import KIND_SYNTHESIS, OutcomePacket
+from qisd.packet import KIND_SYNTHESIS, MAX_N, OutcomePacket
 from qisd.sketch import FloatArray
 from qisd.synthesis.base import (
     SynthesisDraft,
@@ -237,7 +237,9 @@ class CohortSynthesizer:
         eps = self.settings.epsilon
         aggregate = noisy_aggregate(cohort.aggregate, epsilon=eps, rng=self._rng,
                                     ranges=self.ranges)
-        n = noisy_count(cohort.cases, eps, self._rng, minimum=1)
+        # A packet's n is capped (MAX_N); a cohort's cases can add up past it (one
+        # member claiming the cap is enough), and the synthesis must still be a packet.
+        n = min(noisy_count(cohort.cases, eps, self._rng, minimum=1), MAX_N)
         origins = noisy_count(len(cohort.origins), eps, self._rng, minimum=1)
         encoded = encode_aggregate(aggregate, n=n, packets=len(cohort.members), origins=origins)
         self._counts["fields_dropped"] += len(encoded.dropped)

@@ -215,6 +215,36 @@ def test_bad_input_is_named(workdir: Path, daemons: list[Daemon]) -> None:
     assert cli_json("status", socket_path=d.socket)["packets"] == 0
 
 
+def test_config_problems_stop_the_start_with_one_line_and_status_2(workdir: Path) -> None:
+    """What only a config change can fix exits 2 (systemd does not retry it) with one
+    line naming the key, before anything is created; a port in use (below) exits 1."""
+    (workdir / "bad.toml").write_text("junk", encoding="utf-8")
+    (workdir / "syn.toml").write_text('[synthesis]\nsynthesizer = "nope"\n', encoding="utf-8")
+    a_file = workdir / "a-file"
+    a_file.write_text("", encoding="utf-8")
+    base = {"--state-dir": str(workdir / "s"), "--socket": str(workdir / "s.sock")}
+    cases = [
+        ({"--manifest": str(workdir / "missing.toml")}, "node.manifest: no such file"),
+        ({"--manifest": str(workdir / "bad.toml")}, "not valid TOML"),
+        ({"--config": str(workdir / "syn.toml")}, "synthesis.synthesizer: no 'nope'"),
+        ({"--state-dir": str(a_file)}, "node.state_dir: " + repr(str(a_file))),
+        ({"--socket": str(workdir / "no" / "dir" / "x.sock")}, "does not exist"),
+        ({"--socket": str(workdir / ("x" * 120))}, "Unix sockets allow at most"),
+    ]
+    for change, named in cases:
+        args = [f"{k}={v}" for k, v in {**base, **change}.items()]
+        proc = subprocess.run(
+            [sys.executable, "-m", "qisd", "run", "--listen", "127.0.0.1:0", "--metrics", "off",
+             *args], capture_output=True, text=True, timeout=30,
+        )
+        assert proc.returncode == 2, (change, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (change, proc.stderr)
+        assert named in lines[0], (change, lines[0])
+    assert not (workdir / "no").exists()
+    assert not (workdir / "s").exists() and not (workdir / "s.sock").exists()
+
+
 def test_port_in_use_is_named(workdir: Path) -> None:
     import socket
 

@@ -168,23 +168,31 @@ def check_reply(line: bytes) -> None:
 
 # -- strategies ---------------------------------------------------------------------
 
+def any_text(max_size: int) -> st.SearchStrategy[str]:
+    """Text, lone surrogates included (json.dumps escapes them as ``\\ud800``: valid
+    JSON that is not Unicode text)."""
+    return st.text(max_size=max_size) | st.text(
+        alphabet=st.characters(exclude_categories=()), max_size=max_size
+    )
+
+
 JSON = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
+    | any_text(20),
     lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    | st.dictionaries(any_text(8), children, max_size=5),
     max_leaves=12,
 )
-TOPIC = st.sampled_from(["t", "sepsis", "", " ", "\x00", "x" * 65, "é"]) | st.text(max_size=70)
+TOPIC = st.sampled_from(["t", "sepsis", "", " ", "\x00", "x" * 65, "é", "\ud800"]) | any_text(70)
 VECTOR = st.lists(
     st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=0, max_size=40
 ) | st.lists(st.integers(-(10**400), 10**400), max_size=3)
 OUTCOME = st.dictionaries(
-    st.text(max_size=40),
-    st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=70) | JSON,
+    any_text(40),
+    st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | any_text(70) | JSON,
     max_size=18,
 )
 EMIT = st.fixed_dictionaries(
@@ -215,7 +223,7 @@ assert set(PARAMS) == set(METHODS)
 def request(draw: st.DrawFn) -> bytes:
     method = draw(st.sampled_from(sorted(METHODS)) | st.text(max_size=10))
     params = draw(PARAMS[method]) if method in PARAMS else draw(JSON)
-    msg: dict[str, Any] = {"v": 1, "id": draw(st.integers(0, 2**31) | st.text(max_size=8))}
+    msg: dict[str, Any] = {"v": 1, "id": draw(st.integers(0, 2**31) | any_text(8))}
     msg["method"] = method
     msg["params"] = params
     if draw(st.integers(0, 9)) == 0:  # break one field
@@ -239,6 +247,7 @@ LINE = st.one_of(
         b"",
         b"x" * (MAX_REQUEST + 10),  # over the limit: too_large, skipped
         b'{"v":1,"id":2,"method":"status"}\r',
+        b'{"v":1,"id":"\\ud800","method":"identity"}',  # an id that cannot be echoed
     ]),
 )
 

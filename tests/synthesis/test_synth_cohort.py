@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from synth_helpers import KEYS, NOW_MS, direction, near, obs, sign_draft
 
+from qisd.packet import MAX_N
 from qisd.synthesis import (
     CohortSynthesizer,
     SynthesisDraft,
@@ -83,6 +84,20 @@ def test_cohort_below_minimum_yields_nothing() -> None:
     synth2 = CohortSynthesizer(settings(min_cohort=5))
     feed_cluster(synth2, 7, 2, n=3)
     assert [d.n for d in synth2.ready(NOW_MS)] == [6]
+
+
+def test_cases_past_the_packet_cap_still_make_a_synthesis_packet() -> None:
+    """One member claiming n at the cap (any site can): the cohort's total is past
+    what a packet can carry; the synthesis says the cap and is still published."""
+    synth = CohortSynthesizer(settings())
+    feed_cluster(synth, 1, 1, n=MAX_N)
+    feed_cluster(synth, 1, 12)
+    (draft,) = synth.ready(NOW_MS)
+    assert draft.n == MAX_N
+    assert sign_draft(draft).n == MAX_N
+    feed_cluster(synth, 1, 2)
+    (again,) = synth.ready(NOW_MS + 1)
+    assert again.n == MAX_N and again.series == draft.series
 
 
 def test_second_pass_without_input_emits_nothing_and_new_input_supersedes() -> None:
