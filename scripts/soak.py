@@ -16,10 +16,10 @@ Every ``--sample`` seconds it records each daemon's RSS, open file descriptors,
 threads, store files' bytes and stored packets; the latency (p50/p99) and errors of
 the operations finished in that window; the daemons' CPU per operation (work that
 grows per request would show there) and the machine's steal time (on a virtual
-machine, CPU the host gave to other guests: latency that is not qisd's). At the end every daemon is stopped with
-SIGTERM (it must exit 0) and every store checked offline (SQLite integrity, every
-packet decodes and verifies, no orphans), and every packet acknowledged in the last
-``ttl / 2`` seconds must be held by some store.
+machine, CPU the host gave to other guests: latency that is not qisd's). At the end
+every daemon is stopped with SIGTERM (it must exit 0) and every store checked offline
+(SQLite integrity, every packet decodes and verifies, no orphans), and every packet
+acknowledged in the last ``ttl / 2`` seconds must be held by some store.
 
 The verdict: RSS growth over the steady state as a least-squares slope (MB/hour, the
 largest of the daemons), fds at the start and end of it, latency, CPU per operation
