@@ -155,4 +155,4 @@ def test_manifest_new_and_show_refuse_bad_input_clearly(workdir: Path) -> None:
     # An altered file: the signature no longer verifies, and show says so.
     (workdir / "m.toml").write_text(text.replace("replicas = 6", "replicas = 7"))
     assert "does not verify" in fails("show", path)
-    assert "none.toml: cannot read" in fails("show", str(workdir / "none.toml"))
+    assert "none.toml: no such file" in fails("show", str(workdir / "none.toml"))
