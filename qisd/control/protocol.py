@@ -307,6 +307,9 @@ class NotUnicode(ValueError):
 
 #: Where a lone surrogate can come from: a ``\\uD800``-``\\uDFFF`` escape.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+#: The same in text, where a lone surrogate can also stand as itself (text made from
+#: undecodable bytes with ``surrogateescape``).
+_SURROGATE_IN_TEXT = re.compile("\\\\u[dD][89abcdefABCDEF]|[\ud800-\udfff]")
 
 
 def loads(line: bytes | str) -> Any:
@@ -320,8 +323,9 @@ def loads(line: bytes | str) -> Any:
         line, parse_constant=_reject_constant, parse_float=_finite_float,
         object_pairs_hook=_unique_keys,
     )
-    raw = line.encode("utf-8", "surrogatepass") if isinstance(line, str) else line
-    if _SURROGATE_ESCAPE.search(raw):
+    suspect = (_SURROGATE_IN_TEXT.search(line) if isinstance(line, str)
+               else _SURROGATE_ESCAPE.search(line))
+    if suspect:
         where = _lone_surrogate(value, "")
         if where is not None:
             raise NotUnicode(f"{where or 'the value'}: a lone surrogate escape "
