@@ -4,6 +4,8 @@ fingerprint over a Kademlia DHT.
 What applications import lives here (a test pins this list):
 
 * :class:`Client` / :class:`AsyncClient` -- talk to a running daemon over its socket;
+  :class:`ControlError` (an error reply), :class:`DaemonNotRunning` and
+  :class:`ControlSocketError` (nothing to talk to) -- what they raise;
 * :class:`OutcomePacket`, :func:`create_packet`, :func:`decode_packet`,
   :class:`PacketError` -- the wire v1 packet;
 * :class:`Sketch`, :func:`make_sketch`, :class:`LSH`, :func:`keys_for`,
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from qisd.control.client import AsyncClient, Client, ControlError, DaemonNotRunning
+from qisd.control.client import AsyncClient, Client
+from qisd.control.errors import ControlError, ControlSocketError, DaemonNotRunning
 from qisd.fingerprint import LSH, keys_for, probe_keys
 from qisd.identity import Identity
 from qisd.manifest import DEFAULT_MANIFEST, Manifest
@@ -35,6 +38,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ControlError",
+    "ControlSocketError",
     "DaemonNotRunning",
     "Identity",
     "Manifest",

@@ -80,8 +80,10 @@ def test_socket_from_environment(sock: str) -> None:
 
 def test_peers_packets_bootstrap(sock: str, api: FakeAPI) -> None:
     peers = run("peers", "--socket", sock)
-    assert peers.stdout.splitlines()[0].split() == ["NODE_ID", "ADDRESS"]
-    assert "10.0.0.2:4470" in peers.stdout
+    header, first, second = (ln.split() for ln in peers.stdout.splitlines())
+    assert header == ["NODE_ID", "ADDRESS", "LAST_SEEN", "FAILURES"]
+    assert first == ["cd" * 20, "10.0.0.2:4470", "1m", "ago", "0"]
+    assert second == ["ef" * 20, "10.0.0.3:4470", "-", "2"]  # not heard from since start
     assert json.loads(run("peers", "--socket", sock, "--json").stdout)["peers"][0][
         "address"] == "10.0.0.2:4470"
 

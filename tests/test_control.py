@@ -95,7 +95,9 @@ class FakeAPI:
     async def peers(self) -> dict[str, Any]:
         self.calls.append(("peers", {}))
         return {"peers": [{"node_id": "cd" * 20, "address": "10.0.0.2:4470",
-                           "last_seen_s": 1.5}]}
+                           "last_seen_s": 75.2, "failures": 0},
+                          {"node_id": "ef" * 20, "address": "10.0.0.3:4470",
+                           "last_seen_s": None, "failures": 2}]}
 
     async def identity(self) -> dict[str, Any]:
         self.calls.append(("identity", {}))
@@ -390,8 +392,8 @@ def test_every_method_round_trips_with_the_blocking_client() -> None:
     with serving(api) as (path, _), Client(path, timeout=TIMEOUT) as client:
         status = client.status()
         assert status["node_id"] == "ab" * 20 and status["metrics"] is None
-        assert client.peers() == [{"node_id": "cd" * 20, "address": "10.0.0.2:4470",
-                                   "last_seen_s": 1.5}]
+        assert client.peers()[0] == {"node_id": "cd" * 20, "address": "10.0.0.2:4470",
+                                     "last_seen_s": 75.2, "failures": 0}
         assert client.identity() == {"node_id": "ab" * 20, "public_key": "ef" * 32}
 
         pid = client.emit(topic="t", vector=np.array([1, 2, 3], dtype=np.float32),
@@ -444,7 +446,7 @@ async def test_every_method_round_trips_with_the_trio_client() -> None:
             path = await nursery.start(serve_control, tmp / "c.sock", api)
             async with AsyncClient(path, timeout=TIMEOUT) as client:
                 assert (await client.status())["listen"] == "127.0.0.1:4470"
-                assert len(await client.peers()) == 1
+                assert len(await client.peers()) == 2
                 assert (await client.identity())["public_key"] == "ef" * 32
                 pid = await client.emit(topic="t", vector=[1, 2, 3], outcome={"a": 1})
                 results = await client.emit_many(

@@ -112,8 +112,21 @@ def render_peers(result: Mapping[str, Any]) -> str:
     peers = result.get("peers") or []
     if not peers:
         return "no peers (this node is alone; join a swarm with: qisd bootstrap HOST:PORT)"
-    rows = [(p.get("node_id"), p.get("address")) for p in peers]
-    return table(("node_id", "address"), rows)
+    rows = [
+        (p.get("node_id"), p.get("address"), _ago(p.get("last_seen_s")), p.get("failures", "-"))
+        for p in peers
+    ]
+    return table(("node_id", "address", "last_seen", "failures"), rows)
+
+
+def _ago(seconds: Any) -> str:
+    """``12s ago``, ``3m ago``, ``2h ago``; ``-`` when never heard from (or unknown)."""
+    if not _is_number(seconds):
+        return "-"
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
 
 
 def _created(ms: Any) -> str:

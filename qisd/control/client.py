@@ -13,7 +13,7 @@
 One connection is opened on the first call and reused (calls from several threads
 take turns); each :meth:`Client.watch` gets a connection of its own. Errors: a
 :class:`ControlError` (with ``.code``) for an error reply, :class:`DaemonNotRunning`
-when nothing answers on the socket, :class:`~qisd.control.ControlSocketError` when
+when nothing answers on the socket, :class:`ControlSocketError` when
 the path cannot be a control socket (too long, a file, a directory),
 ``TimeoutError`` when the daemon does not reply within ``timeout`` seconds, and
 ``ValueError`` naming the argument (``outcome.age``, ``vector[2]``) for arguments

@@ -39,7 +39,10 @@ A reply to a line whose ``id`` could not be read carries ``"id": null``.
 
 Methods and params (types are JSON types; ``?`` marks optional, with its default):
 
-* ``status`` / ``peers`` / ``identity`` -- no params
+* ``status`` / ``peers`` / ``identity`` -- no params; ``peers`` -> ``{"peers":
+  [{"node_id", "address", "last_seen_s", "failures"}, ...]}``: seconds since the peer
+  last sent or answered something (null: not since the daemon started, a contact
+  read from the saved table) and the RPCs it failed to answer in a row
 * ``emit`` -- ``topic`` string, ``vector`` array of numbers, ``outcome`` object,
   ``n?`` integer (1), ``ttl?`` integer or null (the swarm's default) -> ``{"id": hex, ...}``.
   Outcome values are strings, booleans, or numbers within +-2**63; a field name has

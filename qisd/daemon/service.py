@@ -124,12 +124,20 @@ class NodeService:
         }
 
     async def peers(self) -> dict[str, Any]:
-        return {
-            "peers": [
-                {"node_id": c.id.hex(), "address": format_hostport(str(c.ip), int(c.port))}
-                for c in self.node.table.contacts()
-            ]
-        }
+        table = self.node.table
+        now = trio.current_time()  # the table's clock
+        peers = []
+        for c in table.contacts():
+            seen = table.last_seen(c.id)
+            peers.append({
+                "node_id": c.id.hex(),
+                "address": format_hostport(str(c.ip), int(c.port)),
+                # Seconds since it last sent or answered; null: not since this start.
+                "last_seen_s": None if seen is None else round(max(0.0, now - seen), 1),
+                # RPCs it failed to answer in a row (kept until a replacement is known).
+                "failures": table.failures(c.id),
+            })
+        return {"peers": peers}
 
     async def identity(self) -> dict[str, Any]:
         return {

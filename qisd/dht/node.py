@@ -129,7 +129,7 @@ class DHTNode:
             restored = await state.load(self)
             if not self.admission.required:
                 for contact in restored:
-                    self.table.add_contact(contact)
+                    self.table.add_contact(contact, heard=False)
             await nursery.start(maintenance.run, self)
             if restored:
                 nursery.start_soon(self._rejoin, restored)

@@ -100,6 +100,8 @@ class KBucketNoIO(KBucket):  # type: ignore[misc]
         self.subnets: Counter[str] = Counter()
         #: Failures in a row of flagged contacts (paper 4.1), by id.
         self.failures: dict[bytes, int] = {}
+        #: When each contact or replacement was last heard from (the table's clock).
+        self.seen: dict[bytes, float] = {}
         super().__init__(lower, upper, ksize)
         self.last_updated = now
 
@@ -132,7 +134,8 @@ class KBucketNoIO(KBucket):  # type: ignore[misc]
         self.replacement_nodes.pop(node.id, None)
         self.replacement_nodes[node.id] = node
         while len(self.replacement_nodes) > self.max_replacement_nodes:
-            self.replacement_nodes.popitem(last=False)
+            oldest, _ = self.replacement_nodes.popitem(last=False)
+            self.seen.pop(oldest, None)
         return "full"
 
     def add_node(self, node: Node) -> bool:
@@ -142,6 +145,7 @@ class KBucketNoIO(KBucket):  # type: ignore[misc]
     def remove_node(self, node: Node) -> None:
         self.replacement_nodes.pop(node.id, None)
         self.failures.pop(node.id, None)
+        self.seen.pop(node.id, None)
         if self.nodes.pop(node.id, None) is None:
             return
         self._count(node, -1)
@@ -163,6 +167,8 @@ class KBucketNoIO(KBucket):  # type: ignore[misc]
             half.offer(node)
             if node.id in self.failures and node.id in half.nodes:
                 half.failures[node.id] = self.failures[node.id]
+            if node.id in self.seen:
+                half.seen[node.id] = self.seen[node.id]
         return one, two
 
     def has_replacement(self) -> bool:
@@ -226,17 +232,21 @@ class RoutingTable(StockRoutingTable):  # type: ignore[misc]
         # Bisect on the upper bounds (inclusive); the stock linear scan used "<".
         return bisect.bisect_left(self._uppers, node.long_id)
 
-    def add_contact(self, node: Node) -> AddResult:
+    def add_contact(self, node: Node, *, heard: bool = True) -> AddResult:
+        """Offer ``node``; ``heard`` is False for one read from a saved table (not yet
+        heard from, so :meth:`last_seen` stays None)."""
         if node.id == self.node.id:
             return AddResult(REJECTED, reason="self")
         while True:
             index = self.get_bucket_for(node)
             bucket = self.buckets[index]
             outcome = bucket.offer(node)
-            if outcome in (ADDED, UPDATED):
-                return AddResult(outcome)
             if outcome == "subnet":
                 return AddResult(REJECTED, reason="subnet")
+            if heard:  # it is in the bucket or its replacements
+                bucket.seen[node.id] = self.clock()
+            if outcome in (ADDED, UPDATED):
+                return AddResult(outcome)
             lower, upper = bucket.range
             splittable = upper > lower and (
                 bucket.has_in_range(self.node) or bucket.depth() % SPLIT_DEPTH_MODULUS != 0
@@ -253,6 +263,7 @@ class RoutingTable(StockRoutingTable):  # type: ignore[misc]
         if current is not None and current.same_home_as(node):
             bucket.nodes.move_to_end(node.id)
             bucket.failures.pop(node.id, None)
+            bucket.seen[node.id] = self.clock()
 
     def remove_contact(self, node: Node) -> None:
         """Forget ``node`` if the table holds it at that address (a failed head ping,
@@ -277,6 +288,11 @@ class RoutingTable(StockRoutingTable):  # type: ignore[misc]
     def failures(self, node_id: bytes) -> int:
         """Failures in a row of a flagged contact (0: none, or not in the table)."""
         return self.buckets[self.get_bucket_for(Node(node_id))].failures.get(node_id, 0)
+
+    def last_seen(self, node_id: bytes) -> float | None:
+        """When (the table's clock) a contact last sent or answered something; None
+        if not since this table was made (a contact restored from the state file)."""
+        return self.buckets[self.get_bucket_for(Node(node_id))].seen.get(node_id)
 
     def get(self, node_id: bytes) -> Node | None:
         probe = Node(node_id)

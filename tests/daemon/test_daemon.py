@@ -52,6 +52,12 @@ def test_three_daemons_emit_query_watch_restart(workdir: Path, daemons: list[Dae
         for d in (a, b, c):
             _wait_peers(d, 2)
 
+        # Each peer was heard from moments ago and has missed nothing.
+        peers = cli_json("peers", socket_path=a.socket)["peers"]
+        assert sorted(p["address"] for p in peers) == sorted([b.address, c.address])
+        for p in peers:
+            assert 0 <= p["last_seen_s"] < 30 and p["failures"] == 0
+
         pid = emit(a, "icu", VEC_A, survived=True, los_days=4.5)
         result = cli_json("query", "--topic", "icu", "--vector", json.dumps(VEC_A), "-k", "5",
                           socket_path=c.socket)
@@ -82,6 +88,11 @@ def test_three_daemons_emit_query_watch_restart(workdir: Path, daemons: list[Dae
     packets = cli_json("packets", "--topic", "icu", socket_path=a2.socket)["packets"]
     assert pid in {p["id"] for p in packets}
     assert a2.status["node_id"] == status["node_id"]
+    # Its saved contacts (B and C, now stopped) are back in the table, never heard
+    # from since this start.
+    restored = cli_json("peers", socket_path=a2.socket)["peers"]
+    assert sorted(p["address"] for p in restored) == sorted([b.address, c.address])
+    assert all(p["last_seen_s"] is None for p in restored)
     assert a2.stop() == 0
 
 

@@ -62,6 +62,42 @@ def test_full_far_bucket_asks_to_ping_head_then_keeps_or_replaces() -> None:
     assert len(t) == 4
 
 
+def test_last_seen_follows_what_was_heard() -> None:
+    t, clock = table(k=4)
+    nodes = [far_node(i) for i in range(1, 6)]
+    clock.now = 10.0
+    t.add_contact(nodes[0], heard=False)  # read from a saved table: not heard yet
+    assert nodes[0].id in {n.id for n in t.contacts()} and t.last_seen(nodes[0].id) is None
+    for n in nodes[1:4]:
+        t.add_contact(n)
+    assert t.last_seen(nodes[1].id) == 10.0
+    clock.now = 20.0
+    t.add_contact(nodes[1])  # it sent something again
+    t.touch(nodes[0])  # the saved contact answered a ping
+    assert t.last_seen(nodes[1].id) == 20.0 and t.last_seen(nodes[0].id) == 20.0
+    assert t.last_seen(nodes[2].id) == 10.0
+    clock.now = 30.0
+    t.add_contact(nodes[4])  # bucket full: a replacement, heard at 30
+    t.remove_contact(nodes[2])  # it takes the freed slot with its own time
+    assert t.last_seen(nodes[4].id) == 30.0 and t.last_seen(nodes[2].id) is None
+    assert t.failures(nodes[3].id) == 0
+    t.contact_failed(nodes[3])  # a failure does not move last_seen
+    assert t.failures(nodes[3].id) == 1 and t.last_seen(nodes[3].id) == 10.0
+
+
+def test_last_seen_survives_a_split() -> None:
+    t, clock = table(k=2)
+    for i in range(1, 40):
+        clock.now = float(i)
+        t.add_contact(Node(nid(i), "127.0.0.1", 1000 + i))
+    assert len(t.buckets) > 3
+    for contact in t.contacts():
+        assert t.last_seen(contact.id) == float(int.from_bytes(contact.id, "big"))
+    # Nothing remembered for what the table no longer holds (bounded by the table).
+    held = {n.id for b in t.buckets for n in [*b.nodes.values(), *b.replacement_nodes.values()]}
+    assert all(set(b.seen) <= held for b in t.buckets)
+
+
 def test_bucket_with_own_id_splits() -> None:
     t, _ = table(k=2)
     for i in range(1, 40):
