@@ -85,6 +85,9 @@ class QisdCollector:
         yield CounterMetricFamily("qisd_network_received_bytes", "UDP bytes received",
                                   value=st.bytes_in)
         yield CounterMetricFamily("qisd_network_sent_bytes", "UDP bytes sent", value=st.bytes_out)
+        yield CounterMetricFamily("qisd_rpc_resent",
+                                  "DHT requests sent again while unanswered (dht.rpc_retries)",
+                                  value=st.resent)
         lat = HistogramMetricFamily("qisd_rpc_duration_seconds",
                                     "Outbound RPC round-trip time", labels=["method"])
         for method, h in sorted(st.rpc_latency.items()):

@@ -17,6 +17,8 @@ probability 1 - (1 - loss)^2 (9.75% at 5%) and takes at least 2 x delay.
 4. Heal: the time until every packet (before and during the partition) is found by
    a node of each half, by its own vector, is measured.
 
+``--partition 0`` stops after step 2 (e.g. to compare ``--rpc-retries 0`` and 1).
+
     .venv/bin/python scripts/fault_network.py              # 30 nodes, 600 packets
     .venv/bin/python scripts/fault_network.py --nodes 16 --packets 100 --queries 200
 """
@@ -64,6 +66,7 @@ class NetworkParams:
     partition: float = 60.0
     split_packets: int = 50
     rpc_timeout: float = 1.0
+    rpc_retries: int = 1
     refresh: float = 40.0
     republish: float = 40.0
     failure_backoff: float = 5.0
@@ -80,6 +83,7 @@ class NetworkResult:
     query_ok: int = 0
     query_p50_ms: float = 0.0
     query_p99_ms: float = 0.0
+    query_resent: int = 0
     datagrams: int = 0
     dropped_by_loss: int = 0
     split_put_ok: int = 0
@@ -106,7 +110,8 @@ async def run_network(p: NetworkParams, root: Path) -> NetworkResult:
         swarm = LocalSwarm(
             nursery, root,
             config=dht_config(rpc_timeout=p.rpc_timeout, republish=p.republish,
-                              refresh=p.refresh, failure_backoff=p.failure_backoff),
+                              refresh=p.refresh, failure_backoff=p.failure_backoff,
+                              rpc_retries=p.rpc_retries),
             manifest=manifest,
             impairment=impairment, seed=p.seed,
         )
@@ -122,6 +127,7 @@ async def run_network(p: NetworkParams, root: Path) -> NetworkResult:
 
         # -- queries under loss and delay ---------------------------------------
         impairment.sent = impairment.lost = 0
+        resent_before = swarm.resent()
         latencies: list[float] = []
         limiter = trio.CapacityLimiter(p.concurrency)
 
@@ -141,8 +147,15 @@ async def run_network(p: NetworkParams, root: Path) -> NetworkResult:
         result.query_p50_ms = 1000 * latencies[len(latencies) // 2]
         result.query_p99_ms = 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
         result.datagrams, result.dropped_by_loss = impairment.sent, impairment.lost
+        result.query_resent = swarm.resent() - resent_before
         log(f"queries {result.query_ok}/{result.queries} ok, p50 {result.query_p50_ms:.0f} ms, "
             f"p99 {result.query_p99_ms:.0f} ms; {impairment.lost}/{impairment.sent} datagrams lost")
+
+        if p.partition <= 0:
+            await swarm.stop_all()
+            nursery.cancel_scope.cancel()
+            result.total_seconds = trio.current_time() - started
+            return result
 
         # -- partition ------------------------------------------------------------
         order = list(range(p.nodes))
@@ -235,7 +248,8 @@ async def run_network(p: NetworkParams, root: Path) -> NetworkResult:
 def render(r: NetworkResult) -> str:
     p = r.params
     rows = [
-        ("swarm", f"{p['nodes']} nodes, rpc_timeout {p['rpc_timeout']} s, refresh "
+        ("swarm", f"{p['nodes']} nodes, rpc_timeout {p['rpc_timeout']} s, rpc_retries "
+                  f"{p['rpc_retries']}, refresh "
                   f"{p['refresh']:.0f} s, republish {p['republish']:.0f} s"),
         ("impairment", f"{p['loss']:.0%} loss + {p['delay'] * 1000:.0f} ms delay per datagram"),
         ("packets put", f"{r.put_ok}/{p['packets']}"),
@@ -243,6 +257,17 @@ def render(r: NetworkResult) -> str:
          f"{r.query_ok}/{r.queries} ({pct(r.query_ok, r.queries)})"),
         ("query latency p50 / p99", f"{r.query_p50_ms:.0f} / {r.query_p99_ms:.0f} ms"),
         ("datagrams dropped by the loss", f"{r.dropped_by_loss}/{r.datagrams}"),
+        ("requests resent while unanswered", str(r.query_resent)),
+    ]
+    if p["partition"] > 0:
+        rows += _partition_rows(r)
+    rows.append(("wall time", f"{r.total_seconds:.0f} s"))
+    return table(rows, ("measure", "value"))
+
+
+def _partition_rows(r: NetworkResult) -> list[tuple[str, str]]:
+    p = r.params
+    return [
         ("partition", f"two halves for {p['partition']:.0f} s, {r.cut_datagrams} datagrams cut"),
         ("packets put during the partition", f"{r.split_put_ok}/{2 * p['split_packets']}"),
         ("  found on their own side", f"{r.split_found_own_side}/{r.split_asked_own_side}"),
@@ -251,9 +276,7 @@ def render(r: NetworkResult) -> str:
         ("found after heal, half A / half B",
          f"{r.found_after_heal.get('side_a', 0)}/{r.asked_after_heal} / "
          f"{r.found_after_heal.get('side_b', 0)}/{r.asked_after_heal}"),
-        ("wall time", f"{r.total_seconds:.0f} s"),
     ]
-    return table(rows, ("measure", "value"))
 
 
 def main() -> None:

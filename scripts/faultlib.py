@@ -209,6 +209,7 @@ def dht_config(
     refresh: float,
     failure_backoff: float,
     origin_republish: float | None = None,
+    rpc_retries: int = DHTConfig.rpc_retries,
 ) -> DHTConfig:
     """The DHT settings the experiments vary (everything else at its default). The
     origin republishes every ``origin_republish`` (default: ``republish``, as the
@@ -219,6 +220,7 @@ def dht_config(
         origin_republish_interval=origin_republish or republish,
         refresh_interval=refresh,
         failure_backoff=failure_backoff,
+        rpc_retries=rpc_retries,
     )
 
 
@@ -269,6 +271,10 @@ class LocalSwarm:
     @property
     def running(self) -> list[int]:
         return sorted(self.sites)
+
+    def resent(self) -> int:
+        """Requests the running nodes have sent again while unanswered (dht.rpc_retries)."""
+        return sum(site.node.statistics().resent for site in self.sites.values())
 
     def address(self, i: int) -> Address:
         return ("127.0.0.1", self.ports[i])

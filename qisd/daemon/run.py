@@ -70,6 +70,7 @@ def dht_config(config: Config) -> DHTConfig:
         ksize=d.ksize,
         alpha=d.alpha,
         rpc_timeout=d.rpc_timeout,
+        rpc_retries=d.rpc_retries,
         max_outstanding=d.max_outstanding,
         limits=RateLimits(
             per_source_rate=d.rate_per_peer,

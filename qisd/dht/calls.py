@@ -7,7 +7,9 @@ A :class:`CallGroup` instead sends from the task that will wait: the transport's
 receive loop queues each answer on the group (:meth:`CallGroup.on_reply`) and wakes
 that one task, which takes the answers one at a time with :meth:`CallGroup.next`.
 Requests of a group share one timeout, so their deadlines come in sending order and
-the earliest one is always at the head of a queue.
+the earliest one is always at the head of a queue. Unanswered requests are sent
+again by the same task (:mod:`qisd.dht.resend`): their resend times wait in a heap,
+and the task wakes for the earliest only if no answer woke it first.
 
 :class:`PeerCalls` addresses a group by contact and keeps the node's books the
 way :meth:`qisd.dht.node.DHTNode.call` does: a peer that failed lately fails again
@@ -18,6 +20,8 @@ request said otherwise, counts against it in the table (paper 4.1).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import deque
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -42,6 +46,9 @@ class CallGroup(Generic[T]):
         #: (deadline, call) in sending order, which is deadline order.
         self._sent: deque[tuple[float, Outgoing]] = deque()
         self._ready: deque[tuple[T, bool, Any]] = deque()
+        #: (resend time, order, call) of requests that may be sent again.
+        self._again: list[tuple[float, int, Outgoing]] = []
+        self._order = itertools.count()
         self._open = 0
         self._task: trio.lowlevel.Task | None = None
 
@@ -53,11 +60,13 @@ class CallGroup(Generic[T]):
     async def send(self, addr: Address, name: str, args: list[Any], tag: T) -> None:
         """Send a request; its outcome comes out of :meth:`next` (a failed send at once)."""
         self._open += 1
-        call = await self.transport.open_call(addr, name, args, self, tag)
+        call = await self.transport.open_call(addr, name, args, self, tag, wait=self.timeout)
         if call is None:
             self._ready.append((tag, False, None))
         else:
             self._sent.append((call.started + self.timeout, call))
+            if call.again is not None:
+                heapq.heappush(self._again, (call.again, next(self._order), call))
 
     def settle(self, tag: T, ok: bool, result: Any = None) -> None:
         """An outcome known without asking (e.g. a peer in failure backoff)."""
@@ -87,14 +96,34 @@ class CallGroup(Generic[T]):
             if not sent:
                 return None
             deadline, call = sent[0]
-            if trio.current_time() >= deadline:
+            now = trio.current_time()
+            if now >= deadline:
                 sent.popleft()
                 self.transport.expire(call)
                 self._open -= 1
                 return call.tag, False, None
-            with trio.move_on_at(deadline):
+            wake = deadline
+            again = self._again
+            while again and again[0][2].done:
+                heapq.heappop(again)
+            if again:
+                if again[0][0] <= now:
+                    await self._resend_due(now)
+                    continue
+                wake = min(wake, again[0][0])
+            with trio.move_on_at(wake):
                 self._task = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    async def _resend_due(self, now: float) -> None:
+        again = self._again
+        while again and again[0][0] <= now:
+            _, _, call = heapq.heappop(again)
+            if call.done:
+                continue
+            await self.transport.resend(call)
+            if call.again is not None and not call.done:
+                heapq.heappush(again, (call.again, next(self._order), call))
 
     def _abort(self, raise_cancel: Any) -> trio.lowlevel.Abort:
         self._task = None
@@ -105,6 +134,7 @@ class CallGroup(Generic[T]):
         for _, call in self._sent:
             self.transport.abandon(call)
         self._sent.clear()
+        self._again.clear()
         self._ready.clear()
         self._open = 0
 

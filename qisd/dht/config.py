@@ -18,6 +18,9 @@ class DHTConfig:
     replicas: int | None = None
     #: Seconds to wait for a reply (stock rpcudp waits 5).
     rpc_timeout: float = 2.0
+    #: Times an unanswered request is sent again within ``rpc_timeout``
+    #: (qisd.dht.resend); 0: never.
+    rpc_retries: int = 1
     #: A peer that failed to answer is not asked again for this long (unless it
     #: contacts us first): other nodes keep naming it in replies until they notice.
     failure_backoff: float = 30.0
@@ -65,7 +68,12 @@ class DHTConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            if f.name == "rpc_retries":
+                if not 0 <= value <= 10:
+                    raise ValueError(f"dht config: rpc_retries must be 0..10, got {value}")
+            elif value <= 0:
                 raise ValueError(f"dht config: {f.name} must be > 0, got {value}")
         if self.alpha > self.ksize:
             raise ValueError("dht config: alpha must not exceed ksize")

@@ -101,6 +101,7 @@ class DHTNode:
             self.rpc.dispatch,
             self.counters,
             timeout=config.rpc_timeout,
+            retries=config.rpc_retries,
             max_outstanding=config.max_outstanding,
             max_handlers=config.max_handlers,
             limits=config.limits,

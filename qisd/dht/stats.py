@@ -109,6 +109,8 @@ class DHTStatistics:
     #: Background tasks (pings, caching stores, verification) that failed: a bug
     #: or an odd peer, logged and survived.
     task_errors: int = 0
+    #: Requests sent again because no answer had come yet (qisd.dht.resend).
+    resent: int = 0
     packets_rejected: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     #: Closed swarms: peers refused entry to the routing table, by reason
     #: (``not_member``, ``id_mismatch``, ``bad_proof``, ``no_answer``).
@@ -134,6 +136,7 @@ class Counters:
         self.bytes_out = 0
         self.datagrams_in = 0
         self.datagrams_out = 0
+        self.resent = 0
         self.rpc_latency: dict[str, HistogramCounter] = {}
         self.lookup_hops = HistogramCounter(COUNT_BOUNDS)
         self.lookup_rpcs = HistogramCounter(COUNT_BOUNDS)
@@ -209,6 +212,7 @@ class Counters:
             republished=self.republished,
             republish_skipped=self.republish_skipped,
             task_errors=self.task_errors,
+            resent=self.resent,
             packets_accepted=self.packets_accepted,
             packets_rejected=MappingProxyType(dict(self.packets_rejected)),
             peers_refused=MappingProxyType(dict(self.peers_refused)),

@@ -11,6 +11,9 @@ counted, so a flood cannot spawn unbounded tasks.
 
 Outgoing requests take one of ``max_outstanding`` slots until answered, timed out
 or abandoned; a response is only accepted from the address the request went to.
+An unanswered request is sent again within its timeout (``retries``,
+:mod:`qisd.dht.resend`); a copy of a request whose deferred work is still running
+is dropped (``duplicate_request``).
 :meth:`Transport.call` sends one request and waits for it. Code with many requests
 in flight at once (lookups, stores at k nodes) uses :meth:`Transport.open_call`
 with a :class:`ReplySink` instead (see :mod:`qisd.dht.calls`): the receive loop
@@ -29,6 +32,7 @@ import trio
 
 from qisd.dht.deferred import NO_REPLY, Deferred
 from qisd.dht.ratelimit import RateLimiter, RateLimits, source_key
+from qisd.dht.resend import Resender
 from qisd.dht.stats import Counters
 from qisd.dht.udp import RECV_BURST, DatagramEndpoint, UdpEndpoint, open_udp_endpoint
 from qisd.dht.wire import (
@@ -76,7 +80,10 @@ class Outgoing:
     not unpack. ``done`` is set either way (and by a timeout or abandon).
     """
 
-    __slots__ = ("addr", "done", "error", "msgid", "name", "ok", "result", "sink", "started", "tag")
+    __slots__ = (
+        "addr", "again", "data", "done", "error", "msgid", "name", "ok", "resent", "result",
+        "sink", "started", "tag", "timeout",
+    )
 
     def __init__(
         self, addr: Address, msgid: bytes, name: str, started: float, sink: ReplySink, tag: Any
@@ -91,6 +98,13 @@ class Outgoing:
         self.ok = False
         self.result: Any = None
         self.error: str | None = None
+        #: The request as sent, kept while it may be sent again (qisd.dht.resend),
+        #: when to send it again (None: never), copies sent again so far, and the
+        #: timeout its waiter gives it.
+        self.data: bytes | None = None
+        self.again: float | None = None
+        self.resent = 0
+        self.timeout = 0.0
 
 
 class _Waiter:
@@ -113,6 +127,7 @@ class Transport:
         counters: Counters,
         *,
         timeout: float = 2.0,
+        retries: int = 1,
         max_outstanding: int = 2048,
         max_handlers: int = 64,
         limits: RateLimits | None = None,
@@ -126,6 +141,10 @@ class Transport:
         self._pending: dict[bytes, Outgoing] = {}
         self._limiter = RateLimiter(limits or RateLimits(), trio.current_time())
         self._active = 0
+        #: (source, msgid) of the requests whose deferred work is running: a copy
+        #: that arrives meanwhile (the sender resent it) is dropped, not run again.
+        self._serving: set[tuple[Address, bytes]] = set()
+        self.resender = Resender(timeout=timeout, retries=retries)
         self._nursery: trio.Nursery | None = None
         # Message ids must be unguessable (a reply is matched by id and source
         # address, and UDP sources can be forged), but os.urandom per request is a
@@ -197,6 +216,9 @@ class Transport:
 
     async def _on_request(self, msgid: bytes, body: bytes, addr: Address) -> None:
         rpcs = self.counters.rpcs
+        if self._serving and (addr, msgid) in self._serving:
+            self.counters.dropped["duplicate_request"] += 1
+            return
         name = "?"
         try:
             request = decode_request(msgid, body)
@@ -219,6 +241,7 @@ class Transport:
                 await self._reply(msgid, result.busy, addr)
                 return
             self._active += 1
+            self._serving.add((addr, msgid))
             self._nursery.start_soon(self._run_deferred, name, msgid, result, addr)
             return
         rpcs[(name, "in", "ok")] += 1
@@ -237,6 +260,7 @@ class Transport:
             return
         finally:
             self._active -= 1
+            self._serving.discard((addr, msgid))
         self.counters.rpcs[(name, "in", "ok")] += 1
         await self._reply(msgid, result, addr)
 
@@ -272,22 +296,34 @@ class Transport:
         if call.done:
             return
         call.done = True
+        call.data = None
         del self._pending[call.msgid]
         self._slots.release()
         if result == "ok":
-            self.counters.rpc_done(call.name, result, trio.current_time() - call.started)
+            seconds = trio.current_time() - call.started
+            self.counters.rpc_done(call.name, result, seconds)
+            self.resender.answered(call, seconds)
         elif result is not None:
             self.counters.rpc_done(call.name, result)
 
     async def open_call(
-        self, addr: Address, name: str, args: list[Any], sink: ReplySink, tag: Any = None
+        self,
+        addr: Address,
+        name: str,
+        args: list[Any],
+        sink: ReplySink,
+        tag: Any = None,
+        *,
+        wait: float | None = None,
     ) -> Outgoing | None:
         """Send one request whose outcome goes to ``sink.on_reply``; None if the send
         failed (counted as an error).
 
         Waits only while all ``max_outstanding`` slots are taken. The caller owns the
-        timeout: it must end every returned call with :meth:`expire` (no answer in
-        time) or :meth:`abandon` (no longer wanted) unless its answer came. Raises
+        timeout (``wait``, default the transport's): it must end every returned call
+        with :meth:`expire` (no answer in time) or :meth:`abandon` (no longer wanted)
+        unless its answer came, and call :meth:`resend` once ``call.again`` has come
+        (no resends otherwise). Raises
         :class:`WireError` only if the request cannot fit a datagram (a caller bug).
         """
         msgid = self._new_msgid()
@@ -306,10 +342,36 @@ class Transport:
         if not sent:
             self._settle(call, "error")
             return None
+        call.timeout = self.timeout if wait is None else wait
+        if not call.done:  # (an answer may have come while the socket was full)
+            call.again = self.resender.next_at(call, call.started, call.timeout)
+            if call.again is not None:
+                call.data = data
         return call
+
+    async def resend(self, call: Outgoing) -> None:
+        """Send ``call``'s request again (same id) if it is still unanswered and in
+        time, and set when to send the next copy (``call.again``; None: never)."""
+        data, call.again = call.data, None
+        if call.done or data is None:
+            return
+        if not self.resender.in_time(call, trio.current_time(), call.timeout):
+            call.data = None  # the loop was late: an answer now would be slow, not lost
+            return
+        call.resent += 1
+        if await self._send(data, call.addr):
+            self.counters.resent += 1
+        if not call.done:
+            # From when this copy went out, not when it was due (a stalled loop
+            # must not send the next one right behind it).
+            call.again = self.resender.next_at(call, trio.current_time(), call.timeout)
+        if call.again is None:
+            call.data = None
 
     def expire(self, call: Outgoing) -> None:
         """``call`` got no answer in time: forget it and count a timeout."""
+        if not call.done:
+            self.resender.timed_out(call, trio.current_time() - call.started)
         self._settle(call, "timeout")
 
     def abandon(self, call: Outgoing) -> None:
@@ -327,12 +389,17 @@ class Transport:
         the request itself cannot fit a datagram (a bug in the caller).
         """
         waiter = _Waiter()
-        call = await self.open_call(addr, name, args, waiter)
+        call = await self.open_call(addr, name, args, waiter, wait=wait)
         if call is None:
             return False, None
+        deadline = call.started + call.timeout
         try:
-            with trio.move_on_after(self.timeout if wait is None else wait):
-                await waiter.event.wait()
+            while not call.done and trio.current_time() < deadline:
+                again = call.again
+                with trio.move_on_at(deadline if again is None else min(again, deadline)):
+                    await waiter.event.wait()
+                if not call.done and again is not None and trio.current_time() >= again:
+                    await self.resend(call)
         except BaseException:
             self.abandon(call)  # cancelled from outside: forget it, uncounted
             raise

@@ -48,6 +48,7 @@ async def test_fault_network_loss_delay_then_partition_and_heal(tmp_path: Path) 
     assert r.query_p50_ms >= 4 * 1000 * PARAMS.delay  # at least two round trips
     assert r.queries == PARAMS.queries
     assert r.query_ok >= 0.99 * r.queries
+    assert r.query_resent > 0  # lost requests and answers were sent again (rpc_retries 1)
     assert r.cut_datagrams > 0
     assert r.split_put_ok == 2 * PARAMS.split_packets
     # After the heal every packet, from before and during the cut, is found from both.
