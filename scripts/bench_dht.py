@@ -208,7 +208,8 @@ def run_qisd(n: int, ops: int, seed: int) -> dict[str, Any]:
                 await nodes[1 + j].put_packet(p, keys=[multi_key])
             found = await nodes[7].find_packets([multi_key], make_sketch(vec), 10)
             return summarise("qisd", puts, gets, put_wall, get_wall, ok["put"], ok["get"], ops,
-                             {"join_seconds": join, "multi_found": len(found)})
+                             {"join_seconds": join, "multi_found": len(found),
+                              "resent": sum(nd.statistics().resent for nd in nodes)})
 
     return trio.run(main)
 
@@ -271,6 +272,7 @@ def main() -> int:
     for label, key, how in ROWS:
         ratio = q[key] / s[key] if s[key] else float("inf")
         print(f"{label:34s} {fmt(q[key], how):>10s} {fmt(s[key], how):>10s} {ratio:>11.2f}")
+    print(f"qisd requests resent while unanswered (dht.rpc_retries): {q['resent']:,}")
     print(f"put_throughput_ratio={q['put_throughput'] / s['put_throughput']:.2f} "
           f"get_p99_ratio={q['get_p99'] / s['get_p99']:.2f} "
           f"success={100 * min(q['put_success'], q['get_success']):.1f}")

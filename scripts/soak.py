@@ -59,6 +59,8 @@ DIM = 32
 CENTRES = 24
 BULK_EVERY_S = 10.0
 WORKERS = 4
+#: Slack between the daemon's expiry (wall clock, whole ms) and this script's clock.
+EXPIRY_MARGIN = 0.5
 
 
 @dataclass
@@ -121,6 +123,7 @@ class SoakResult:
     checks: list[StoreCheck] = field(default_factory=list)
     recent_acked: int = 0
     recent_lost: int = 0
+    stop_seconds: float = 0.0
 
     @property
     def steady(self) -> list[Sample]:
@@ -260,7 +263,9 @@ class Load:
         now = time.monotonic()
         with self.lock:
             self.done.append((now, kind, now - started))
-            self.acked.extend((now, i) for i in ids)
+            # Each packet was made after its request was sent: it expires no sooner
+            # than ``started`` + ttl.
+            self.acked.extend((started, i) for i in ids)
 
 
 def watch_events(daemon: QisdProcess, seen: list[float], ended: list[str]) -> None:
@@ -390,11 +395,16 @@ def run_soak(root: Path, p: SoakParams) -> SoakResult:
         result.watch_ended_early = list(ended)
         result.watch_events = len(seen)
         result.watch_events_last_window = sum(1 for x in seen if x >= end - p.sample)
-        # The packets acknowledged in the last ttl/2 seconds are live: some store has each.
-        recent = {i for at, i in load.acked if at >= end - p.ttl / 2}
     finally:
         result.exits = [d.stop() if d.running else -1 for d in daemons]
+        stopped = time.monotonic()
         watcher.join(timeout=10)
+    # The packets acknowledged in the last ttl/2 seconds that were still live when
+    # the last daemon stopped (so no expiry sweep can have removed them; a stop that
+    # is slow leaves fewer to check, never a false loss): some store has each.
+    result.stop_seconds = stopped - end
+    recent = {i for at, i in load.acked
+              if at >= end - p.ttl / 2 and at + p.ttl > stopped + EXPIRY_MARGIN}
     held: set[str] = set()
     for d in daemons:
         held |= held_ids(d)
@@ -481,6 +491,7 @@ def render(r: SoakResult) -> str:
         ["exit codes on SIGTERM", " ".join(map(str, r.exits))],
         ["stores clean", f"{sum(c.clean for c in r.checks)}/{len(r.checks)}"],
         ["recent packets lost", f"{r.recent_lost} of {r.recent_acked:,}"],
+        ["load end to every daemon stopped", f"{r.stop_seconds:.1f} s"],
     ]
     lines.append(table(verdict, ["measure", "value"]))
     for message, count in r.error_kinds.items():
