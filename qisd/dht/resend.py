@@ -48,9 +48,10 @@ if TYPE_CHECKING:
 MIN_RESEND = 0.05
 #: No resend later than this part of the timeout (the answer is late, not lost).
 LATEST = 0.75
-#: (peer address, method) pairs whose round trips are remembered (the least
-#: recently updated forgotten first).
-MAX_PEERS = 4096
+#: (peer address, method) pairs whose round trips are remembered, the least recently
+#: updated forgotten first (a few hundred contacts times the ~8 methods asked of them;
+#: one forgotten is only asked with evenly spaced copies until it answers again).
+MAX_ROUTES = 16384
 
 Route = tuple[Address, str]
 
@@ -60,8 +61,8 @@ class RoundTrips:
     2): a ``ping`` is answered at once, a ``store_packets`` after a store write, so
     one estimate for both would resend the slow kind while it is being served."""
 
-    def __init__(self, max_peers: int = MAX_PEERS) -> None:
-        self.max_peers = max_peers
+    def __init__(self, max_routes: int = MAX_ROUTES) -> None:
+        self.max_routes = max_routes
         self._est: dict[Route, tuple[float, float]] = {}
 
     def __len__(self) -> int:
@@ -72,7 +73,7 @@ class RoundTrips:
         copy (or went unanswered for that long)."""
         est = self._est.pop(route, None)
         if est is None:
-            if len(self._est) >= self.max_peers:
+            if len(self._est) >= self.max_routes:
                 del self._est[next(iter(self._est))]
             self._est[route] = (sample, sample / 2)
             return

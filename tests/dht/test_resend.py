@@ -196,7 +196,7 @@ async def test_a_peer_that_went_silent_is_not_resent_to_on_its_old_speed() -> No
 
 
 def test_round_trip_estimate() -> None:
-    rtt = RoundTrips(max_peers=2)
+    rtt = RoundTrips(max_routes=2)
     a, b, c = (("10.0.0.1", 1), "ping"), (("10.0.0.2", 1), "ping"), (("10.0.0.1", 1), "store")
     assert rtt.resend_after(a) is None
     rtt.observe(a, 0.2)  # first sample: srtt 0.2, rttvar 0.1 -> 0.6
