@@ -29,6 +29,7 @@ from qisd import __version__
 if TYPE_CHECKING:
     from qisd.daemon.service import NodeService
     from qisd.dht.stats import Histogram
+    from qisd.store import StoreStats
 
 log = structlog.get_logger("qisd.metrics")
 MAX_REQUEST_HEAD = 8192
@@ -48,10 +49,15 @@ def _bound(b: float) -> str:
 
 
 class QisdCollector:
-    """Reads the service's layers on each scrape."""
+    """Reads the service's layers on each scrape.
+
+    The store's totals come from ``store_stats`` when the server has read them off
+    the trio thread for this scrape (counting a large store's keys is a table scan:
+    on the event loop it would stall the node for the scrape's length)."""
 
     def __init__(self, service: NodeService) -> None:
         self.service = service
+        self.store_stats: StoreStats | None = None
 
     def describe(self) -> list[Metric]:
         return []  # families are dynamic; an empty describe skips the registry's checks
@@ -124,7 +130,7 @@ class QisdCollector:
         )
 
     def _store(self) -> Iterator[Metric]:
-        st = self.service.store.statistics()
+        st = self.store_stats or self.service.store.statistics()
         yield GaugeMetricFamily("qisd_stored_packets", "Packets in the store", value=st.packets)
         yield GaugeMetricFamily("qisd_stored_bytes", "Encoded bytes of stored packets",
                                 value=st.bytes)
@@ -191,10 +197,11 @@ class QisdCollector:
                                   value=svc.synthesis_behind)
 
 
-def make_registry(service: NodeService) -> CollectorRegistry:
+def make_registry(service: NodeService) -> tuple[CollectorRegistry, QisdCollector]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QisdCollector(service))
-    return registry
+    collector = QisdCollector(service)
+    registry.register(collector)
+    return registry, collector
 
 
 async def serve_metrics(
@@ -204,7 +211,7 @@ async def serve_metrics(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``GET /metrics`` on ``address``; ``started`` with the URL actually bound."""
-    registry = make_registry(service)
+    registry, collector = make_registry(service)
     host, port = address
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
@@ -214,13 +221,15 @@ async def serve_metrics(
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
             with trio.move_on_after(10):
-                await _answer(stream, registry)
+                await _answer(stream, registry, collector)
 
     task_status.started(url)
     await trio.serve_listeners(handle, listeners)
 
 
-async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+async def _answer(
+    stream: trio.SocketStream, registry: CollectorRegistry, collector: QisdCollector
+) -> None:
     head = b""
     while b"\r\n\r\n" not in head and b"\n\n" not in head:
         chunk = await stream.receive_some(4096)
@@ -239,7 +248,11 @@ async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> Non
         await _reply(stream, 404, b"see /metrics\n")
         return
     try:
-        # On the trio thread: the snapshots read trio-owned counters.
+        # The store's totals in a worker thread (SQLite); the rest on the trio thread,
+        # as the snapshots read trio-owned counters.
+        collector.store_stats = await trio.to_thread.run_sync(
+            collector.service.store.statistics
+        )
         body = generate_latest(registry)
     except Exception as exc:
         log.exception("metrics collection failed")
