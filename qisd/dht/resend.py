@@ -98,9 +98,8 @@ class Resender:
     :class:`qisd.dht.calls.CallGroup`) wakes at the time it gives only if no answer
     woke it first, so a call answered in time costs one estimate update."""
 
-    def __init__(self, *, timeout: float, retries: int) -> None:
+    def __init__(self, *, retries: int) -> None:
         self.times = max(0, retries)
-        self.timeout = timeout
         self.round_trips = RoundTrips()
 
     def gap(self, call: Outgoing, timeout: float) -> float:
@@ -121,16 +120,13 @@ class Resender:
         not lost.)"""
         return when - call.started <= LATEST * timeout
 
-    def answered(self, call: Outgoing, seconds: float) -> None:
-        """``call`` got its answer ``seconds`` after it was first sent."""
-        # The answer to a resent call may be to either copy, so its time from the
-        # first copy is an upper bound of the round trip: kept (unlike Karn's rule,
-        # which would never learn of a peer too slow to answer before a resend),
-        # as an overestimate only delays resends.
-        self.round_trips.observe((call.addr, call.name), seconds)
+    def observe(self, call: Outgoing, seconds: float) -> None:
+        """``call`` ended ``seconds`` after its first copy: answered, or timed out.
 
-    def timed_out(self, call: Outgoing, seconds: float) -> None:
-        """``call`` had no answer within ``seconds``: its route's estimate rises (RFC
-        6298, 5.5 backs off too), so a peer that has become slow, or gone, is not
-        sent copies on the strength of its old speed."""
+        The answer to a resent call may be to either copy, so its time from the first
+        copy is an upper bound of the round trip: kept (unlike Karn's rule, which
+        would never learn of a peer too slow to answer before a resend), as an
+        overestimate only delays resends. A timeout counts as a round trip of the
+        whole wait (RFC 6298, 5.5 backs off too), so a peer that became slow, or
+        went away, is not sent copies on the strength of its old speed."""
         self.round_trips.observe((call.addr, call.name), seconds)

@@ -144,7 +144,7 @@ class Transport:
         #: (source, msgid) of the requests whose deferred work is running: a copy
         #: that arrives meanwhile (the sender resent it) is dropped, not run again.
         self._serving: set[tuple[Address, bytes]] = set()
-        self.resender = Resender(timeout=timeout, retries=retries)
+        self.resender = Resender(retries=retries)
         self._nursery: trio.Nursery | None = None
         # Message ids must be unguessable (a reply is matched by id and source
         # address, and UDP sources can be forged), but os.urandom per request is a
@@ -302,7 +302,7 @@ class Transport:
         if result == "ok":
             seconds = trio.current_time() - call.started
             self.counters.rpc_done(call.name, result, seconds)
-            self.resender.answered(call, seconds)
+            self.resender.observe(call, seconds)
         elif result is not None:
             self.counters.rpc_done(call.name, result)
 
@@ -371,7 +371,7 @@ class Transport:
     def expire(self, call: Outgoing) -> None:
         """``call`` got no answer in time: forget it and count a timeout."""
         if not call.done:
-            self.resender.timed_out(call, trio.current_time() - call.started)
+            self.resender.observe(call, trio.current_time() - call.started)
         self._settle(call, "timeout")
 
     def abandon(self, call: Outgoing) -> None:
