@@ -105,6 +105,18 @@ def connect(path: Path | str) -> sqlite3.Connection:
     return conn
 
 
+def connect_reader(path: Path) -> sqlite3.Connection:
+    """A second connection to a live store that only reads (``query_only``): in WAL
+    mode it reads a snapshot while the main connection goes on writing."""
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=5.0)
+    try:
+        conn.execute("PRAGMA query_only=ON")
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
+
+
 def connect_read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection to an existing store on a filesystem that cannot be
     written. ``immutable=1`` only when no ``-wal`` holds transactions not yet merged

@@ -41,6 +41,7 @@ from qisd.storage import (
     StoreError,
     connect,
     connect_read_only,
+    connect_reader,
     read_only_error,
     writable,
     write_error,
@@ -143,6 +144,9 @@ class PacketStore(StoreOwn):
         self._totals: tuple[int, int] | None = None
         self._origin_counts: dict[bytes, int] = {}
         self._key_counts: dict[bytes, int] = {}
+        #: A connection of its own for :meth:`statistics`' slow count (file stores).
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -190,6 +194,8 @@ class PacketStore(StoreOwn):
         return self.failure is not None and self.failure.code == STORAGE_READ_ONLY
 
     def close(self) -> None:
+        with self._reader_lock:
+            self._close_reader()
         with self._lock:
             if self._closed:
                 return
@@ -317,11 +323,7 @@ class PacketStore(StoreOwn):
             # This packet replaces every older one of its series, under every key;
             # if it is refused after all (quota, full), the older ones stay.
             conn.execute("SAVEPOINT supersede")
-            cur = conn.execute(
-                "DELETE FROM packets WHERE origin=? AND series=?", (p.origin, p.series)
-            )
-            if cur.rowcount:
-                self._forget_counts()
+            self._drop_series(p.origin, p.series)
             result = self._insert(key, p)
             if not result.ok:
                 conn.execute("ROLLBACK TO supersede")
@@ -329,6 +331,27 @@ class PacketStore(StoreOwn):
             conn.execute("RELEASE supersede")
             return result
         return self._insert(key, p)
+
+    def _drop_series(self, origin: bytes, series: bytes) -> None:
+        """Delete the held packets of ``origin``'s ``series``, keeping the running
+        totals exact (a synthesis supersedes its previous one every few seconds; a
+        recount of a large store's totals after each would be a table scan)."""
+        conn = self._conn
+        gone = conn.execute(
+            "SELECT id, size FROM packets WHERE origin=? AND series=?", (origin, series)
+        ).fetchall()
+        if not gone:
+            return
+        for pid, _ in gone:
+            for (key,) in conn.execute("SELECT key FROM entries WHERE id=?", (pid,)):
+                if key in self._key_counts:
+                    self._key_counts[key] -= 1
+        conn.execute("DELETE FROM packets WHERE origin=? AND series=?", (origin, series))
+        if self._totals is not None:
+            count, size = self._totals
+            self._totals = (count - len(gone), size - sum(int(s) for _, s in gone))
+        if origin in self._origin_counts:
+            self._origin_counts[origin] -= len(gone)
 
     def _insert(self, key: bytes, p: OutcomePacket) -> PutResult:
         """A packet new to the store, under ``key``, if quotas and caps allow."""
@@ -370,16 +393,60 @@ class PacketStore(StoreOwn):
         many packets held for the swarm went."""
         with self._lock, self._writing() as conn:
             self._expire_own(conn, now_ms)
+            totals = self._totals
+            if totals is not None:
+                # By the expiry index: what goes, not a scan of what stays.
+                (gone_bytes,) = conn.execute(
+                    "SELECT COALESCE(SUM(size), 0) FROM packets WHERE expires_ms <= ?",
+                    (now_ms,),
+                ).fetchone()
             cur = conn.execute("DELETE FROM packets WHERE expires_ms <= ?", (now_ms,))
             if cur.rowcount:
+                # Per origin and per key: recounted by their indexes when next needed.
                 self._forget_counts()
+                if totals is not None:
+                    self._totals = (totals[0] - cur.rowcount, totals[1] - int(gone_bytes))
             return cur.rowcount
 
     def statistics(self) -> StoreStats:
+        """Packets, bytes and distinct keys held.
+
+        The distinct keys take a scan of every key entry (~0.6 s for 4 million); in a
+        file store it runs on a reader connection of its own (WAL: readers do not
+        block the writer), so storage and queries go on meanwhile.
+        """
         with self._lock:
+            if self._closed:
+                raise StoreError(f"packet store {self.path or ':memory:'}: closed")
             count, size = self._total()
-            keys = self._conn.execute("SELECT COUNT(DISTINCT key) FROM entries").fetchone()[0]
+            keys = None if self.path is not None else _count_keys(self._conn)
+        if keys is None:
+            keys = self._count_keys_apart()
         return StoreStats(packets=int(count), bytes=int(size), keys=int(keys))
+
+    def _count_keys_apart(self) -> int:
+        with self._reader_lock:
+            try:
+                if self._reader is None:
+                    assert self.path is not None
+                    self._reader = connect_reader(self.path)
+                return _count_keys(self._reader)
+            except sqlite3.Error:
+                self._close_reader()
+        with self._lock:  # e.g. no reader on a read-only filesystem: the main connection
+            return _count_keys(self._conn)
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def _count_keys(conn: sqlite3.Connection) -> int:
+    # Not COUNT(DISTINCT key): SQLite builds a temporary b-tree for that (18 s for
+    # 4 million entries), where DISTINCT over the primary key's order streams (0.6 s).
+    row = conn.execute("SELECT COUNT(*) FROM (SELECT DISTINCT key FROM entries)").fetchone()
+    return int(row[0])
 
 
 def _open_read_write(path: Path | str) -> sqlite3.Connection:

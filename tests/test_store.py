@@ -100,6 +100,56 @@ def test_newer_synthesis_of_a_series_supersedes_older(store: PacketStore) -> Non
     assert store.statistics().packets == 2
 
 
+def truth(path: Path) -> tuple[int, int, int]:
+    conn = sqlite3.connect(path)
+    try:
+        count, size = conn.execute("SELECT COUNT(*), SUM(size) FROM packets").fetchone()
+        (keys,) = conn.execute("SELECT COUNT(DISTINCT key) FROM entries").fetchone()
+    finally:
+        conn.close()
+    return count, size, keys
+
+
+def test_totals_stay_exact_through_supersede_and_expiry_without_a_recount(
+    tmp_path: Path,
+) -> None:
+    s = PacketStore.open(tmp_path / "t.db", key_quota=4, origin_quota=1.0)
+    k = nacl.signing.SigningKey(b"\x0b" * 32)
+    series = b"\x05" * 16
+    first = packet(1, key=k, kind=KIND_SYNTHESIS, series=series, created_ms=NOW)
+    s.put_many([(KEY_A, first), (KEY_B, first), (KEY_A, packet(2, ttl_s=10)),
+                (KEY_A, packet(3)), (KEY_B, packet(4, ttl_s=10))], now_ms=NOW)
+    statements: list[str] = []
+    s._conn.set_trace_callback(statements.append)
+    for gen in range(2, 6):  # each supersedes the last, under KEY_A (full unless freed)
+        newer = packet(10 + gen, key=k, kind=KIND_SYNTHESIS, series=series,
+                       created_ms=NOW + gen)
+        assert s.put(KEY_A, newer, now_ms=NOW).status == "stored"
+    assert s.expire(NOW + 20_000) == 2
+    s.put(KEY_B, packet(5), now_ms=NOW + 20_000)
+    recounts = [q for q in statements if "SUM(size)" in q and "WHERE" not in q]
+    assert recounts == []
+    st = s.statistics()
+    assert (st.packets, st.bytes, st.keys) == truth(tmp_path / "t.db") == (3, st.bytes, 2)
+    s.close()
+
+
+def test_statistics_count_keys_off_the_writers_connection(tmp_path: Path) -> None:
+    s = PacketStore.open(tmp_path / "r.db")
+    s.put_many([(bytes([i]) * 20, packet(i)) for i in range(1, 6)], now_ms=NOW)
+    s.put(KEY_A, packet(1), now_ms=NOW)
+    statements: list[str] = []
+    s._conn.set_trace_callback(statements.append)
+    st = s.statistics()
+    assert (st.packets, st.bytes, st.keys) == truth(tmp_path / "r.db") and st.keys == 6
+    assert not [q for q in statements if "entries" in q]  # the scan ran elsewhere
+    s.put(KEY_B, packet(9), now_ms=NOW)
+    assert s.statistics().keys == 7  # the reader sees later writes
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.statistics()
+
+
 def test_origin_quota(tmp_path: Path) -> None:
     s = PacketStore.open(tmp_path / "q.db", max_packets=100, origin_quota=0.1)
     k = nacl.signing.SigningKey(b"\x01" * 32)
