@@ -20,8 +20,9 @@ until a write succeeds.
 
 Reads are in :mod:`qisd.store_reads`; the packets this node emitted (kept for
 its republish as their origin) in :mod:`qisd.store_own`. The API is synchronous
-and guarded by one lock, so the daemon runs it in a worker thread (``trio.to_thread.run_sync``) and
-batches writes with :meth:`PacketStore.put_many`.
+and guarded by one lock (the passes over every key entry run on a reader connection
+of their own, off that lock), so the daemon runs it in a worker thread
+(``trio.to_thread.run_sync``) and batches writes with :meth:`PacketStore.put_many`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from qisd.storage import (
     StoreError,
     connect,
     connect_read_only,
-    connect_reader,
     read_only_error,
     writable,
     write_error,
@@ -144,8 +144,7 @@ class PacketStore(StoreOwn):
         self._totals: tuple[int, int] | None = None
         self._origin_counts: dict[bytes, int] = {}
         self._key_counts: dict[bytes, int] = {}
-        #: A connection of its own for :meth:`statistics`' slow count (file stores).
-        self._reader: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None  # see StoreReads._scan
         self._reader_lock = threading.Lock()
 
     @classmethod
@@ -194,12 +193,13 @@ class PacketStore(StoreOwn):
         return self.failure is not None and self.failure.code == STORAGE_READ_ONLY
 
     def close(self) -> None:
-        with self._reader_lock:
-            self._close_reader()
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            # (Never the other way round: a scan holds the reader lock, never both.)
+            with self._reader_lock:
+                self._close_reader()
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.DatabaseError:
@@ -419,27 +419,9 @@ class PacketStore(StoreOwn):
             if self._closed:
                 raise StoreError(f"packet store {self.path or ':memory:'}: closed")
             count, size = self._total()
-            keys = None if self.path is not None else _count_keys(self._conn)
-        if keys is None:
-            keys = self._count_keys_apart()
+        keys = self._scan(_count_keys)
         return StoreStats(packets=int(count), bytes=int(size), keys=int(keys))
 
-    def _count_keys_apart(self) -> int:
-        with self._reader_lock:
-            try:
-                if self._reader is None:
-                    assert self.path is not None
-                    self._reader = connect_reader(self.path)
-                return _count_keys(self._reader)
-            except sqlite3.Error:
-                self._close_reader()
-        with self._lock:  # e.g. no reader on a read-only filesystem: the main connection
-            return _count_keys(self._conn)
-
-    def _close_reader(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
 
 
 def _count_keys(conn: sqlite3.Connection) -> int:

@@ -150,6 +150,19 @@ def test_statistics_count_keys_off_the_writers_connection(tmp_path: Path) -> Non
         s.statistics()
 
 
+def test_keys_lists_the_keys_with_a_live_packet_off_the_writers_connection(
+    store: PacketStore,
+) -> None:
+    store.put_many([(KEY_A, packet(1, ttl_s=10)), (KEY_B, packet(2, ttl_s=10)),
+                    (KEY_B, packet(3, ttl_s=1000)), (b"C" * 20, packet(4, ttl_s=1000))],
+                   now_ms=NOW)
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    assert set(store.keys(NOW)) == {KEY_A, KEY_B, b"C" * 20}
+    assert set(store.keys(NOW + 20_000)) == {KEY_B, b"C" * 20}  # KEY_A's one has expired
+    assert statements == []
+
+
 def test_origin_quota(tmp_path: Path) -> None:
     s = PacketStore.open(tmp_path / "q.db", max_packets=100, origin_quota=0.1)
     k = nacl.signing.SigningKey(b"\x01" * 32)
