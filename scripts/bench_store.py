@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""The packet store at scale: the passes over every key entry, and whether writers wait.
+
+Fills a store file through ``PacketStore.put_many`` with ``--packets`` signed packets,
+each under ``--keys-per-packet`` of ``--keys`` keys (LSH keys: few, each holding many
+packets), then times the reads that visit every entry -- ``keys()`` (the held keys,
+read by hand-off, republish and the delivery filter), ``statistics()`` (each metrics
+scrape and ``qisd status``) and ``recent()`` without a topic (``qisd packets``) -- and,
+while each runs in a thread, the longest a writer waits for the store's lock. Medians
+of ``--repeats`` runs.
+
+    .venv/bin/python scripts/bench_store.py [--packets 200000] [--keys 512]
+
+Uses only the store's public API (and its lock), so the same script measures an
+older build: ``PYTHONPATH=<older checkout> .venv/bin/python scripts/bench_store.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import nacl.signing
+import numpy as np
+
+from qisd.packet import create_packet
+from qisd.sketch import make_sketch
+from qisd.store import PacketStore
+
+SWARM = bytes(32)
+NOW = int(time.time() * 1000)
+
+
+def fill(store: PacketStore, args: argparse.Namespace, rng: np.random.Generator) -> float:
+    origins = [nacl.signing.SigningKey(rng.bytes(32)) for _ in range(64)]
+    keys = [rng.bytes(20) for _ in range(args.keys)]
+    t0 = time.perf_counter()
+    batch: list[tuple[bytes, object]] = []
+    for i in range(args.packets):
+        p = create_packet(origins[i % 64], swarm=SWARM, topic=f"topic{i % 4}",
+                          sketch=make_sketch(rng.standard_normal(16)), outcome={"i": i},
+                          ttl_s=86400, created_ms=NOW - i)
+        for k in rng.choice(args.keys, size=args.keys_per_packet, replace=False):
+            batch.append((keys[int(k)], p))
+        if len(batch) >= 4000:
+            store.put_many(batch, now_ms=NOW)  # type: ignore[arg-type]
+            batch = []
+    if batch:
+        store.put_many(batch, now_ms=NOW)  # type: ignore[arg-type]
+    return time.perf_counter() - t0
+
+
+def timed(store: PacketStore, read: Callable[[], object]) -> tuple[float, float]:
+    """(seconds the read took, longest wait for the lock by a writer meanwhile)."""
+    done = threading.Event()
+    waits = [0.0]
+
+    def writer() -> None:
+        while not done.is_set():
+            t = time.perf_counter()
+            with store._lock:
+                pass
+            waits.append(time.perf_counter() - t)
+            time.sleep(0.005)
+
+    th = threading.Thread(target=writer)
+    th.start()
+    t0 = time.perf_counter()
+    read()
+    took = time.perf_counter() - t0
+    done.set()
+    th.join()
+    return took, max(waits)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--packets", type=int, default=200_000)
+    ap.add_argument("--keys", type=int, default=512)
+    ap.add_argument("--keys-per-packet", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    rng = np.random.default_rng(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = PacketStore.open(Path(tmp) / "bench.db", max_packets=10 * args.packets,
+                                 origin_quota=1.0, key_quota=10 * args.packets)
+        filled = fill(store, args, rng)
+        st = store.statistics()
+        print(f"store: {st.packets:,} packets, {st.keys:,} keys, "
+              f"{args.packets * args.keys_per_packet:,} entries, {st.bytes / 1e6:,.0f} MB; "
+              f"filled in {filled:.0f} s")
+        reads: list[tuple[str, Callable[[], object]]] = [
+            ("keys() (held keys)", lambda: store.keys(NOW)),
+            ("statistics()", store.statistics),
+            ("recent(topic=None, limit=20)", lambda: store.recent(topic=None, limit=20,
+                                                                  now_ms=NOW)),
+        ]
+        width = max(len(name) for name, _ in reads)
+        print(f"{'read':<{width}}  {'median s':>9}  {'writer waited, max s':>20}")
+        for name, read in reads:
+            runs = [timed(store, read) for _ in range(args.repeats)]
+            took = statistics.median(r[0] for r in runs)
+            waited = max(r[1] for r in runs)
+            print(f"{name:<{width}}  {took:>9.3f}  {waited:>20.3f}")
+        store.close()
+
+
+if __name__ == "__main__":
+    main()
