@@ -5,12 +5,16 @@ Each implementation runs in its own subprocess (so CPU seconds and peak RSS are 
 own): N nodes on 127.0.0.1 in one event loop, every node bootstrapped through node 0,
 k=20 (so each value is stored on 20 nodes, the stock default), then P puts of
 512-byte values under distinct keys from random nodes and P gets of those keys from
-other random nodes, 16 operations in flight. Prints one table with the ratio
-qisd/stock for each figure, then the packets-per-key check, and as its last line
-``put_throughput_ratio=... get_p99_ratio=... success=...``.
+other random nodes, 16 operations in flight; then P more puts under new keys (the
+"warm" round: the nodes have met, so it shows the steady state, where the first round
+also pays for a new swarm's first contacts). Datagrams are counted as received by all
+nodes. Prints one table with the ratio qisd/stock for each figure, then the
+packets-per-key check, and as its last line
+``put_throughput_ratio=... get_p99_ratio=... success=...`` (the first round's puts).
 
     .venv/bin/python scripts/bench_dht.py            # N=100, 2,000 puts and gets
     .venv/bin/python scripts/bench_dht.py --quick    # N=100, 500 operations
+    .venv/bin/python scripts/bench_dht.py --profile warm.prof   # where a warm put's CPU goes
 """
 
 from __future__ import annotations
@@ -36,6 +40,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class Rounds:
+    """Put wall times and datagram counts of the cold and warm put rounds."""
+
+    def __init__(self, datagrams: Any) -> None:
+        self.datagrams = datagrams  # () -> datagrams received by all nodes so far
+        self.figures: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._t0, self._d0 = time.perf_counter(), self.datagrams()
+
+    def stop(self, name: str, ops: int) -> float:
+        wall = time.perf_counter() - self._t0
+        self.figures[f"{name}_datagrams_per_put"] = (self.datagrams() - self._d0) / ops
+        return wall
+
+
 def summarise(kind: str, puts: list[float], gets: list[float], put_wall: float, get_wall: float,
               put_ok: int, get_ok: int, ops: int, extra: dict[str, Any]) -> dict[str, Any]:
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -55,7 +75,9 @@ def summarise(kind: str, puts: list[float], gets: list[float], put_wall: float, 
 
 
 def workload(n: int, ops: int, seed: int) -> tuple[list[bytes], list[int], list[int]]:
+    """Keys, putters and getters of ``ops`` operations, then as many warm-round puts."""
     rng = random.Random(seed)
+    ops *= 2
     keys = [rng.randbytes(20) for _ in range(ops)]
     putters = [rng.randrange(n) for _ in range(ops)]
     getters = [(p + 1 + rng.randrange(n - 1)) % n for p in putters]  # never the putter
@@ -74,9 +96,18 @@ def run_stock(n: int, ops: int, seed: int) -> dict[str, Any]:
     import logging
 
     from kademlia.network import Server
+    from rpcudp.protocol import RPCProtocol
 
     logging.getLogger("kademlia").setLevel(logging.CRITICAL)
     logging.getLogger("rpcudp").setLevel(logging.CRITICAL)
+    received = [0]
+    original = RPCProtocol.datagram_received
+
+    def counted(self: Any, data: bytes, addr: Any) -> None:
+        received[0] += 1
+        original(self, data, addr)
+
+    RPCProtocol.datagram_received = counted  # type: ignore[method-assign]
 
     async def main() -> dict[str, Any]:
         servers = []
@@ -109,12 +140,18 @@ def run_stock(n: int, ops: int, seed: int) -> dict[str, Any]:
                 gets.append(time.perf_counter() - t)
                 ok["get"] += int(r == value_for(keys[i]))
 
-        t0 = time.perf_counter()
+        rounds = Rounds(lambda: received[0])
+        rounds.start()
         await asyncio.gather(*(put(i) for i in range(ops)))
-        put_wall = time.perf_counter() - t0
+        put_wall = rounds.stop("cold", ops)
         t0 = time.perf_counter()
         await asyncio.gather(*(get(i) for i in range(ops)))
         get_wall = time.perf_counter() - t0
+        cold_ok, cold_puts = ok["put"], puts[:]
+        rounds.start()
+        await asyncio.gather(*(put(i) for i in range(ops, 2 * ops)))
+        warm_wall = rounds.stop("warm", ops)
+        warm_ok, ok["put"] = ok["put"] - cold_ok, cold_ok
         # Packets per key: five values under one key from five nodes, read by a sixth.
         multi_key = b"multi-value-key"
         for j in range(5):
@@ -123,8 +160,10 @@ def run_stock(n: int, ops: int, seed: int) -> dict[str, Any]:
         found = 1 if got is not None else 0
         for s in servers:
             s.stop()
-        return summarise("stock", puts, gets, put_wall, get_wall, ok["put"], ok["get"], ops,
-                         {"join_seconds": join, "multi_found": found})
+        return summarise("stock", cold_puts, gets, put_wall, get_wall, ok["put"], ok["get"], ops,
+                         {"join_seconds": join, "multi_found": found,
+                          "warm_put_throughput": ops / warm_wall,
+                          "warm_put_success": warm_ok / ops, **rounds.figures})
 
     return asyncio.run(main())
 
@@ -132,7 +171,8 @@ def run_stock(n: int, ops: int, seed: int) -> dict[str, Any]:
 # -- qisd (trio) ----------------------------------------------------------------
 
 
-def run_qisd(n: int, ops: int, seed: int) -> dict[str, Any]:
+def run_qisd(n: int, ops: int, seed: int, profile: str | None = None) -> dict[str, Any]:
+    import cProfile
     import logging
     from contextlib import AsyncExitStack
 
@@ -187,16 +227,30 @@ def run_qisd(n: int, ops: int, seed: int) -> dict[str, Any]:
                     gets.append(time.perf_counter() - t)
                     ok["get"] += int(r == value_for(keys[i]))
 
-            t0 = time.perf_counter()
+            rounds = Rounds(lambda: sum(nd.statistics().datagrams_in for nd in nodes))
+            rounds.start()
             async with trio.open_nursery() as nursery:
                 for i in range(ops):
                     nursery.start_soon(put, i)
-            put_wall = time.perf_counter() - t0
+            put_wall = rounds.stop("cold", ops)
             t0 = time.perf_counter()
             async with trio.open_nursery() as nursery:
                 for i in range(ops):
                     nursery.start_soon(get, i)
             get_wall = time.perf_counter() - t0
+            cold_ok, cold_puts = ok["put"], puts[:]
+            prof = cProfile.Profile() if profile else None
+            rounds.start()
+            if prof is not None:
+                prof.enable()
+            async with trio.open_nursery() as nursery:
+                for i in range(ops, 2 * ops):
+                    nursery.start_soon(put, i)
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(profile)
+            warm_wall = rounds.stop("warm", ops)
+            warm_ok, ok["put"] = ok["put"] - cold_ok, cold_ok
             # Packets per key: five packets under one key from five nodes, read by a sixth.
             multi_key = bytes(20)
             vec = np.ones(16)
@@ -207,9 +261,11 @@ def run_qisd(n: int, ops: int, seed: int) -> dict[str, Any]:
                                   ttl_s=3600)
                 await nodes[1 + j].put_packet(p, keys=[multi_key])
             found = await nodes[7].find_packets([multi_key], make_sketch(vec), 10)
-            return summarise("qisd", puts, gets, put_wall, get_wall, ok["put"], ok["get"], ops,
+            return summarise("qisd", cold_puts, gets, put_wall, get_wall, ok["put"], ok["get"], ops,
                              {"join_seconds": join, "multi_found": len(found),
-                              "resent": sum(nd.statistics().resent for nd in nodes)})
+                              "resent": sum(nd.statistics().resent for nd in nodes),
+                              "warm_put_throughput": ops / warm_wall,
+                              "warm_put_success": warm_ok / ops, **rounds.figures})
 
     return trio.run(main)
 
@@ -225,6 +281,10 @@ ROWS = [
     ("get p50 (ms)", "get_p50", "ms"), ("get p95 (ms)", "get_p95", "ms"),
     ("get p99 (ms)", "get_p99", "ms"),
     ("put success", "put_success", "pct"), ("get success", "get_success", "pct"),
+    ("datagrams per put", "cold_datagrams_per_put", "{:.1f}"),
+    ("warm put throughput (ops/s)", "warm_put_throughput", "{:,.0f}"),
+    ("warm datagrams per put", "warm_datagrams_per_put", "{:.1f}"),
+    ("warm put success", "warm_put_success", "pct"),
     ("CPU seconds (whole run)", "cpu_seconds", "{:.1f}"),
     ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
     ("join time, N-1 bootstraps (s)", "join_seconds", "{:.1f}"),
@@ -247,9 +307,18 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="N=100, 500 operations")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--only", choices=["qisd", "stock"], help=argparse.SUPPRESS)
+    ap.add_argument("--profile", metavar="FILE",
+                    help="qisd only: cProfile the warm round into FILE, print its top 12")
     args = ap.parse_args()
     if args.quick:
         args.ops = 500
+    if args.profile:
+        import pstats
+
+        result = run_qisd(args.nodes, args.ops, args.seed, args.profile)
+        print(f"warm put throughput (profiled): {result['warm_put_throughput']:,.0f} ops/s")
+        pstats.Stats(args.profile).sort_stats("tottime").print_stats(12)
+        return 0
     if args.only:
         fn = run_qisd if args.only == "qisd" else run_stock
         print(json.dumps(fn(args.nodes, args.ops, args.seed)))
@@ -267,7 +336,8 @@ def main() -> int:
         results[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
     q, s = results["qisd"], results["stock"]
     print(f"N={args.nodes} nodes, k=20 (20 copies), {args.ops} puts then {args.ops} gets of "
-          f"{VALUE_BYTES}-byte values, concurrency {CONCURRENCY}, 127.0.0.1")
+          f"{VALUE_BYTES}-byte values, then {args.ops} warm puts, concurrency {CONCURRENCY}, "
+          "127.0.0.1")
     print(f"{'measure':34s} {'qisd':>10s} {'stock':>10s} {'qisd/stock':>11s}")
     for label, key, how in ROWS:
         ratio = q[key] / s[key] if s[key] else float("inf")
@@ -275,7 +345,7 @@ def main() -> int:
     print(f"qisd requests resent while unanswered (dht.rpc_retries): {q['resent']:,}")
     print(f"put_throughput_ratio={q['put_throughput'] / s['put_throughput']:.2f} "
           f"get_p99_ratio={q['get_p99'] / s['get_p99']:.2f} "
-          f"success={100 * min(q['put_success'], q['get_success']):.1f}")
+          f"success={100 * min(q['put_success'], q['get_success'], q['warm_put_success']):.1f}")
     return 0
 
 
