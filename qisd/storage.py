@@ -106,11 +106,16 @@ def connect(path: Path | str) -> sqlite3.Connection:
 
 
 def connect_reader(path: Path) -> sqlite3.Connection:
-    """A second connection to a live store that only reads (``query_only``): in WAL
-    mode it reads a snapshot while the main connection goes on writing."""
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=5.0)
+    """A second, read-only connection to a live store: in WAL mode it reads a
+    snapshot while the main connection goes on writing. Refused (``sqlite3.Error``)
+    if the store is not in WAL mode, where a long read would hold back commits."""
+    uri = f"file:{quote(str(path))}?mode=ro"  # (never creates a missing file)
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
+                           timeout=5.0)
     try:
-        conn.execute("PRAGMA query_only=ON")
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"journal mode {mode}: readers would block writes")
     except sqlite3.Error:
         conn.close()
         raise

@@ -427,8 +427,6 @@ class PacketStore(StoreOwn):
 def _count_keys(conn: sqlite3.Connection) -> int:
     # Not COUNT(DISTINCT key): SQLite builds a temporary b-tree for that (18 s for
     # 4 million entries), where DISTINCT over the primary key's order streams (0.6 s).
-    # fetchall: the statement runs to its end, so no read transaction stays open
-    # on the reader between scrapes (one would hold back WAL checkpoints).
     rows = conn.execute("SELECT COUNT(*) FROM (SELECT DISTINCT key FROM entries)").fetchall()
     return int(rows[0][0])
 

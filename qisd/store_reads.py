@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -23,6 +24,8 @@ from qisd.sketch import Sketch, cosine_rows
 from qisd.storage import StoreError, connect_reader
 
 T = TypeVar("T")
+#: Seconds the scans stay on the main connection after the reader failed.
+READER_RETRY = 60.0
 
 log = get_logger(__name__)
 
@@ -39,16 +42,18 @@ class StoreReads:
     _closed: bool
     _reader: sqlite3.Connection | None
     _reader_lock: threading.Lock
+    #: After a reader fails (to open, or a scan), the main connection until then.
+    _reader_off_until: float = 0.0
 
     def _scan(self, query: Callable[[sqlite3.Connection], T]) -> T:
         """Run a long read (a pass over every entry) without holding the store's lock.
 
         In a file store it runs on a reader connection of its own (WAL: a reader sees
         a snapshot and does not block the writer), so storage and queries go on
-        meanwhile; in memory, or where no second connection opens (a read-only
-        filesystem), on the main connection under the lock.
+        meanwhile; in memory, or where no reader opens (a read-only filesystem, a
+        store not in WAL mode), on the main connection under the lock.
         """
-        if self.path is not None:
+        if self.path is not None and time.monotonic() >= self._reader_off_until:
             with self._reader_lock:
                 if self._closed:
                     raise StoreError(f"packet store {self.path}: closed")
@@ -58,6 +63,7 @@ class StoreReads:
                     return query(self._reader)
                 except sqlite3.Error:
                     self._close_reader()
+                    self._reader_off_until = time.monotonic() + READER_RETRY
         with self._lock:
             if self._closed:
                 raise StoreError(f"packet store {self.path or ':memory:'}: closed")

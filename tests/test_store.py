@@ -134,6 +134,30 @@ def test_totals_stay_exact_through_supersede_and_expiry_without_a_recount(
     s.close()
 
 
+def test_supersedes_free_the_origins_quota(tmp_path: Path) -> None:
+    s = PacketStore.open(tmp_path / "o.db", max_packets=10, origin_quota=0.2)  # 2 each
+    k = nacl.signing.SigningKey(b"\x0c" * 32)
+    series = b"\x06" * 16
+    assert s.put(KEY_A, packet(1, key=k), now_ms=NOW).status == "stored"
+    for gen in range(4):
+        newer = packet(10 + gen, key=k, kind=KIND_SYNTHESIS, series=series,
+                       created_ms=NOW + gen)
+        assert s.put(KEY_B, newer, now_ms=NOW).status == "stored"
+    assert s.put(KEY_A, packet(2, key=k), now_ms=NOW).reason == "quota"
+    st = s.statistics()
+    assert (st.packets, st.bytes, st.keys) == truth(tmp_path / "o.db") and st.packets == 2
+    s.close()
+
+
+def test_scans_never_create_a_store_file_that_went_missing(tmp_path: Path) -> None:
+    s = PacketStore.open(tmp_path / "gone.db")
+    s.put(KEY_A, packet(1), now_ms=NOW)
+    (tmp_path / "gone.db").unlink()
+    assert s.keys(NOW) == [KEY_A]  # from the main connection, still open on it
+    assert not (tmp_path / "gone.db").exists()
+    s.close()
+
+
 def test_statistics_count_keys_off_the_writers_connection(tmp_path: Path) -> None:
     s = PacketStore.open(tmp_path / "r.db")
     s.put_many([(bytes([i]) * 20, packet(i)) for i in range(1, 6)], now_ms=NOW)
