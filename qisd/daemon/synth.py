@@ -85,6 +85,10 @@ async def run_synthesis(
     def catch_up() -> Any:
         return service.store.iter_packets(now_ms=int(time.time() * 1000))
 
+    def resume() -> list[OutcomePacket]:
+        own = service.store.own_packets(int(time.time() * 1000))
+        return [p for p, _ in own if p.kind == KIND_SYNTHESIS]
+
     async def publish(draft: SynthesisDraft) -> None:
         await publish_draft(service, draft)
 
@@ -96,6 +100,7 @@ async def run_synthesis(
                 is_primary=lambda p: is_primary(service, p),
                 publish=publish,
                 catch_up=catch_up,
+                resume=resume,
                 interval=max(0.05, config.synthesis.interval),
                 state=state,
                 task_status=task_status,

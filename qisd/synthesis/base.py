@@ -139,9 +139,11 @@ def series_id(salt: bytes, topic: str, first_member: bytes) -> bytes:
 @runtime_checkable
 class Synthesizer(Protocol):
     """What the worker drives. Optional extras it also uses when present:
-    ``forget(now_ms) -> int`` (drop state about expired packets) and
+    ``forget(now_ms) -> int`` (drop state about expired packets),
     ``statistics() -> Mapping[str, int]`` (counters for metrics, e.g. ``cohorts``,
-    ``skipped_generation``)."""
+    ``skipped_generation``) and ``resume(packets) -> int`` (after a restart: this
+    node's own live syntheses, to take its state back from; the worker then feeds it
+    the store's packets again)."""
 
     def consume(self, packet: OutcomePacket) -> None:
         """Take one delivered packet into account (ignoring what it must not use)."""

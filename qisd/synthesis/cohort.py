@@ -23,6 +23,9 @@ cohort is forgotten once all its members expired. Packet ids are deduplicated fo
 long as their cohort lives; an evicted cohort's packets could be counted again if
 re-delivered.
 
+After a restart, :meth:`CohortSynthesizer.resume` takes the node's cohorts back from
+its own live syntheses, so the next synthesis of a cohort keeps superseding the last.
+
 Options (``SynthesizerSettings.options``): ``max_members`` (1024),
 ``max_cohorts_per_topic`` (256), ``max_cohorts`` (4096), ``include_syntheses``
 (false), ``ranges`` (``{field: [lo, hi]}``, see :mod:`qisd.synthesis.noise`).
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +85,9 @@ class Cohort:
     generation: int = 0
     expires_ms: int = 0
     touched: int = 0
+    #: Members the resumed synthesis already counted that have not come back yet:
+    #: they do not count as new (see :meth:`CohortSynthesizer.resume`).
+    resumed: int = 0
 
 
 @dataclass(eq=False)
@@ -116,12 +122,49 @@ class CohortSynthesizer:
         self._groups: dict[tuple[str, int], _Group] = {}
         self._cohorts: dict[int, Cohort] = {}
         self._index: dict[bytes, Cohort] = {}
+        #: Listed parents of resumed syntheses: the cohort each goes back to.
+        self._expected: dict[bytes, Cohort] = {}
         self._seq = 0
         self._tick = 0
         self._counts: dict[str, int] = dict.fromkeys(
             ("consumed", "duplicates", "skipped_generation", "skipped_synthesis",
              "skipped_undecodable", "skipped_empty", "evicted", "expired", "drafts",
-             "fields_dropped"), 0)
+             "fields_dropped", "resumed"), 0)
+
+    # -- after a restart ---------------------------------------------------------
+
+    def resume(self, previous: Iterable[OutcomePacket]) -> int:
+        """Take back the cohorts of this node's own live syntheses from before a
+        restart (the worker then re-reads the store): each comes back empty, under
+        its old ``series`` and centroid, so the packets it held rejoin it and its
+        next synthesis supersedes the old one instead of standing beside it with
+        the same cases. Listed parents go straight back to their cohort; the
+        others rejoin by similarity. Members the old synthesis counted are not new
+        again, so an unchanged cohort is not synthesised again. A cohort that no
+        member rejoins is forgotten at the next pass. Returns the cohorts resumed.
+        """
+        count = 0
+        held = {c.series for c in self._cohorts.values()}
+        for packet in previous:
+            if packet.kind != KIND_SYNTHESIS or packet.series in held:
+                continue
+            try:
+                decoded = decode_outcome(packet.outcome, packet.n)
+            except EncodingError:
+                continue
+            unit = packet.sketch.to_array()
+            if not np.any(unit):
+                continue
+            cohort = self._start(packet.topic, unit, packet.series)
+            held.add(packet.series)
+            cohort.vector_sum = np.zeros_like(unit)  # the members' sum, once they rejoin
+            cohort.resumed = decoded.packets
+            if len(packet.parents) == decoded.packets:  # listed, not a digest
+                for pid in packet.parents:
+                    self._expected[pid] = cohort
+            count += 1
+        self._counts["resumed"] += count
+        return count
 
     # -- consuming ---------------------------------------------------------------
 
@@ -148,7 +191,7 @@ class CohortSynthesizer:
         if not np.any(unit):
             self._counts["skipped_empty"] += 1
             return
-        cohort = self._place(packet.topic, unit, pid)
+        cohort = self._rejoin(pid, unit) or self._place(packet.topic, unit, pid)
         self._tick += 1
         cohort.touched = self._tick
         cohort.members.append(pid)
@@ -161,8 +204,30 @@ class CohortSynthesizer:
             cohort.aggregate.merge(addition)
         cohort.generation = max(cohort.generation, packet.generation)
         cohort.expires_ms = max(cohort.expires_ms, packet.expires_ms)
-        cohort.new += 1
+        if cohort.resumed:
+            cohort.resumed -= 1
+        else:
+            cohort.new += 1
         self._counts["consumed"] += 1
+
+    def _rejoin(self, pid: bytes, unit: FloatArray) -> Cohort | None:
+        """The resumed cohort ``pid`` was a listed parent of, if it is still here."""
+        cohort = self._expected.pop(pid, None)
+        if (cohort is None or self._cohorts.get(cohort.seq) is not cohort
+                or unit.size != cohort.centroid.size):
+            return None
+        group = self._groups[(cohort.topic, unit.size)]
+        self._grow(group, group.cohorts.index(cohort), unit)
+        return cohort
+
+    def _grow(self, group: _Group, i: int, unit: FloatArray) -> None:
+        """Add ``unit`` to cohort ``i`` of ``group``: its centroid follows."""
+        cohort = group.cohorts[i]
+        cohort.vector_sum += unit
+        cohort.centroid = cohort.vector_sum / np.linalg.norm(cohort.vector_sum)
+        group.matrix[i] = cohort.centroid
+        # consume() appends the member right after this returns.
+        group.full[i] = len(cohort.members) + 1 >= self.max_members
 
     def _place(self, topic: str, unit: FloatArray, pid: bytes) -> Cohort:
         """The cohort ``unit`` joins (its centroid updated), or a new one it leads."""
@@ -173,13 +238,15 @@ class CohortSynthesizer:
             sims = np.where(group.full, -math.inf, group.matrix @ unit)
             best = int(np.argmax(sims))
             if sims[best] >= self.settings.similarity:
-                cohort = group.cohorts[best]
-                cohort.vector_sum += unit
-                cohort.centroid = cohort.vector_sum / np.linalg.norm(cohort.vector_sum)
-                group.matrix[best] = cohort.centroid
-                # consume() appends the member right after this returns.
-                group.full[best] = len(cohort.members) + 1 >= self.max_members
-                return cohort
+                self._grow(group, best, unit)
+                return group.cohorts[best]
+        return self._start(topic, unit, series_id(self.settings.salt, topic, pid))
+
+    def _start(self, topic: str, unit: FloatArray, series: bytes) -> Cohort:
+        """A new cohort led by ``unit`` (evicting the least recently updated if full)."""
+        group = self._groups.get((topic, unit.size))
+        if group is None:
+            group = self._groups[(topic, unit.size)] = _Group(unit.size)
         if len(group.cohorts) >= self.max_cohorts_per_topic:
             self._evict(min(group.cohorts, key=lambda c: c.touched))
         if len(self._cohorts) >= self.max_cohorts:
@@ -188,8 +255,7 @@ class CohortSynthesizer:
         group = self._groups.setdefault((topic, unit.size), group)
         self._seq += 1
         cohort = Cohort(
-            seq=self._seq, topic=topic,
-            series=series_id(self.settings.salt, topic, pid),
+            seq=self._seq, topic=topic, series=series,
             vector_sum=unit.copy(), centroid=unit.copy(),
         )
         self._cohorts[cohort.seq] = cohort
@@ -215,6 +281,9 @@ class CohortSynthesizer:
     # -- emitting ----------------------------------------------------------------
 
     def ready(self, now_ms: int) -> list[SynthesisDraft]:
+        # The worker re-read the store before this pass: parents that did not come
+        # back by now (expired, or held elsewhere) are not waited for.
+        self._expected.clear()
         interval_ms = self.settings.interval * 1000
         drafts = []
         for cohort in list(self._cohorts.values()):

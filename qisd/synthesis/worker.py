@@ -59,6 +59,7 @@ class WorkerStatistics:
     cohorts: int
     backlog: int
     passes: int
+    resumed: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -80,6 +81,10 @@ class WorkerState:
     passes: int = 0
     #: ``behind`` as of the last catch-up.
     handled_behind: int = 0
+    #: Cohorts taken back after a restart, and whether the store is still to be
+    #: re-read for them (see ``resume`` in :func:`run_worker`).
+    resumed: int = 0
+    rescan: bool = False
     synthesizer: Synthesizer | None = None
     receive: trio.abc.ReceiveChannel[Any] | None = None
     _seen: OrderedDict[bytes, None] = field(default_factory=OrderedDict, repr=False)
@@ -101,7 +106,7 @@ class WorkerState:
 
     @property
     def needs_catch_up(self) -> bool:
-        return self.behind > self.handled_behind
+        return self.behind > self.handled_behind or self.rescan
 
     def seen(self, packet_id: bytes) -> bool:
         """True if ``packet_id`` was handled recently; remembers it otherwise."""
@@ -137,6 +142,7 @@ class WorkerState:
             cohorts=int(synth.get("cohorts", 0)),
             backlog=backlog,
             passes=self.passes,
+            resumed=self.resumed,
         )
 
 
@@ -151,6 +157,7 @@ async def run_worker(
     is_primary: Callable[[OutcomePacket], bool],
     publish: Callable[[SynthesisDraft], Awaitable[None]],
     catch_up: Callable[[], Iterable[OutcomePacket]] | None = None,
+    resume: Callable[[], Iterable[OutcomePacket]] | None = None,
     interval: float,
     state: WorkerState | None = None,
     clock: Callable[[], float] = trio.current_time,
@@ -162,6 +169,11 @@ async def run_worker(
     ``task_status.started`` gets the :class:`WorkerState` (``state`` or a new one).
     ``clock`` is trio's clock (deadlines between passes); ``now_ms`` is wall time in
     ms, which packets' expiry is measured in.
+
+    ``resume`` gives this node's own live syntheses from before a restart: a
+    synthesizer with a ``resume(packets)`` method takes its cohorts back from them
+    (the default one does), and the first pass then re-reads the store through
+    ``catch_up``, so its next syntheses supersede the old ones.
     """
     if not interval > 0:
         raise ValueError(f"interval: must be > 0 seconds, got {interval}")
@@ -169,6 +181,8 @@ async def run_worker(
     state.synthesizer = synthesizer
     state.receive = receive
     task_status.started(state)
+    if resume is not None and catch_up is not None:
+        await _resume(state, synthesizer, resume)
     deadline = clock() + interval
     while True:
         closed = False
@@ -241,6 +255,27 @@ async def _pass(
             state.drafts_published += 1
 
 
+async def _resume(
+    state: WorkerState,
+    synthesizer: Synthesizer,
+    resume: Callable[[], Iterable[OutcomePacket]],
+) -> None:
+    take = getattr(synthesizer, "resume", None)
+    if not callable(take):
+        return
+    try:
+        previous = await trio.to_thread.run_sync(lambda: list(resume()))
+        state.resumed = int(take(previous))
+    except Exception:
+        state.synthesizer_errors += 1
+        log.exception("synthesizer resume failed")
+        return
+    if state.resumed:
+        state.rescan = True
+        log.info("synthesis resumed its cohorts", syntheses=len(previous),
+                 cohorts=state.resumed)
+
+
 async def _catch_up(
     state: WorkerState,
     synthesizer: Synthesizer,
@@ -265,4 +300,5 @@ async def _catch_up(
             break
     state.caught_up += fed
     state.handled_behind = target
+    state.rescan = False
     log.info("synthesis caught up from the store", missed=target, fed=fed)

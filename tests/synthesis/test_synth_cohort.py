@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from synth_helpers import KEYS, NOW_MS, direction, near, obs, sign_draft
 
-from qisd.packet import MAX_N
+from qisd.packet import MAX_N, OutcomePacket
 from qisd.synthesis import (
     CohortSynthesizer,
     SynthesisDraft,
@@ -219,3 +219,66 @@ def test_bad_options_are_named() -> None:
         CohortSynthesizer(settings(options={"ranges": {"los": [5, 1]}}))
     with pytest.raises(SynthesizerError, match="similarity"):
         settings(similarity=1.5)
+
+
+def cluster(seed: int, count: int) -> list[OutcomePacket]:
+    """``count`` cases near ``direction(seed)`` (each a distinct packet)."""
+    rng = np.random.default_rng(seed + 1000)
+    return [obs(near(direction(seed), rng), {"survived": i % 4 != 0}, key=KEYS[i % 3])
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("max_parents", [16, 2], ids=["listed", "digest"])
+def test_resume_takes_a_cohort_back_under_its_series(max_parents: int) -> None:
+    cases = cluster(1, 6)
+    before = CohortSynthesizer(settings(max_parents=max_parents))
+    for p in cases:
+        before.consume(p)
+    (draft,) = before.ready(NOW_MS)
+    assert draft.parents_digest == (max_parents == 2)
+    old = sign_draft(draft)
+    # After a restart: an empty synthesizer, and the store re-read in another order
+    # with another cohort's cases in between.
+    after = CohortSynthesizer(settings(max_parents=max_parents))
+    assert after.resume([old, old]) == 1
+    other = cluster(2, 5)
+    for p in [cases[5], *other[:2], *reversed(cases[:5]), *other[2:]]:
+        after.consume(p)
+    resumed = [c for c in after.cohorts() if c.series == draft.series]
+    assert [sorted(c.members) for c in resumed] == [sorted(p.id for p in cases)]
+    # Nothing new in the resumed cohort: only the other one is synthesised.
+    assert [d.series for d in after.ready(NOW_MS + 1)] == [
+        series_id(b"node", "t", other[0].id)]
+    after.consume(cluster(1, 1)[0])
+    (newer,) = after.ready(NOW_MS + 2)
+    assert (newer.series, newer.n) == (draft.series, 7)  # supersedes the old synthesis
+    assert after.statistics()["resumed"] == 1
+
+
+def test_a_resumed_cohort_nobody_rejoins_is_forgotten() -> None:
+    before = CohortSynthesizer(settings())
+    for p in cluster(1, 5):
+        before.consume(p)
+    (draft,) = before.ready(NOW_MS)
+    after = CohortSynthesizer(settings())
+    assert after.resume([sign_draft(draft), *cluster(3, 2)]) == 1  # observations: not taken
+    assert after.ready(NOW_MS) == []
+    assert after.forget(NOW_MS) == 1 and after.cohorts() == []
+
+
+def test_listed_parents_rejoin_their_cohort_whatever_their_similarity() -> None:
+    cases = cluster(1, 6)
+    before = CohortSynthesizer(settings())
+    for p in cases:
+        before.consume(p)
+    (draft,) = before.ready(NOW_MS)
+    # Restarted with a stricter similarity: on their own these cases would scatter.
+    strict = CohortSynthesizer(settings(similarity=0.9999))
+    for p in cases:
+        strict.consume(p)
+    assert len(strict.cohorts()) == 6
+    after = CohortSynthesizer(settings(similarity=0.9999))
+    after.resume([sign_draft(draft)])
+    for p in reversed(cases):
+        after.consume(p)
+    assert [(c.series, len(c.members)) for c in after.cohorts()] == [(draft.series, 6)]
