@@ -86,8 +86,10 @@ class Cohort:
     expires_ms: int = 0
     touched: int = 0
     #: Members the resumed synthesis already counted that have not come back yet:
-    #: they do not count as new (see :meth:`CohortSynthesizer.resume`).
+    #: they do not count as new; and whether its centroid stays the old synthesis's
+    #: while they come back (see :meth:`CohortSynthesizer.resume`).
     resumed: int = 0
+    pinned: bool = False
 
 
 @dataclass(eq=False)
@@ -122,8 +124,11 @@ class CohortSynthesizer:
         self._groups: dict[tuple[str, int], _Group] = {}
         self._cohorts: dict[int, Cohort] = {}
         self._index: dict[bytes, Cohort] = {}
-        #: Listed parents of resumed syntheses: the cohort each goes back to.
+        self._series: dict[bytes, Cohort] = {}
+        #: While resuming: listed parents of the resumed syntheses (the cohort each
+        #: goes back to) and the ids of those syntheses (not consumed again).
         self._expected: dict[bytes, Cohort] = {}
+        self._previous: set[bytes] = set()
         self._seq = 0
         self._tick = 0
         self._counts: dict[str, int] = dict.fromkeys(
@@ -139,14 +144,17 @@ class CohortSynthesizer:
         its old ``series`` and centroid, so the packets it held rejoin it and its
         next synthesis supersedes the old one instead of standing beside it with
         the same cases. Listed parents go straight back to their cohort; the
-        others rejoin by similarity. Members the old synthesis counted are not new
-        again, so an unchanged cohort is not synthesised again. A cohort that no
-        member rejoins is forgotten at the next pass. Returns the cohorts resumed.
+        others rejoin by similarity to the old centroid, which stays put until the
+        next :meth:`ready` (the worker re-reads the store before it). Members the
+        old synthesis counted are not new again, so an unchanged cohort is not
+        synthesised again; at that :meth:`ready` the resume ends: members that did
+        not come back (expired, or now another node's to synthesise) are no longer
+        waited for, and a cohort no member rejoined is forgotten at the next
+        :meth:`forget`. Returns the cohorts resumed.
         """
         count = 0
-        held = {c.series for c in self._cohorts.values()}
         for packet in previous:
-            if packet.kind != KIND_SYNTHESIS or packet.series in held:
+            if packet.kind != KIND_SYNTHESIS or packet.series in self._series:
                 continue
             try:
                 decoded = decode_outcome(packet.outcome, packet.n)
@@ -156,15 +164,31 @@ class CohortSynthesizer:
             if not np.any(unit):
                 continue
             cohort = self._start(packet.topic, unit, packet.series)
-            held.add(packet.series)
             cohort.vector_sum = np.zeros_like(unit)  # the members' sum, once they rejoin
-            cohort.resumed = decoded.packets
+            cohort.resumed, cohort.pinned = decoded.packets, True
+            self._tick += 1
+            cohort.touched = self._tick  # not the first evicted while they come back
+            self._previous.add(packet.id)
             if len(packet.parents) == decoded.packets:  # listed, not a digest
                 for pid in packet.parents:
                     self._expected[pid] = cohort
             count += 1
         self._counts["resumed"] += count
         return count
+
+    def _end_resume(self) -> None:
+        """The worker re-read the store before this pass: members that did not come
+        back by now are not waited for, and centroids follow their members again."""
+        self._expected.clear()
+        self._previous.clear()
+        for group in self._groups.values():
+            for i, cohort in enumerate(group.cohorts):
+                if cohort.pinned:
+                    cohort.pinned, cohort.resumed = False, 0
+                    norm = float(np.linalg.norm(cohort.vector_sum))
+                    if norm > 0:
+                        cohort.centroid = cohort.vector_sum / norm
+                        group.matrix[i] = cohort.centroid
 
     # -- consuming ---------------------------------------------------------------
 
@@ -176,7 +200,7 @@ class CohortSynthesizer:
             self._counts["skipped_synthesis"] += 1
             return
         pid = packet.id
-        if pid in self._index:
+        if pid in self._index or pid in self._previous:
             self._counts["duplicates"] += 1
             return
         if packet.kind == KIND_SYNTHESIS:
@@ -221,11 +245,13 @@ class CohortSynthesizer:
         return cohort
 
     def _grow(self, group: _Group, i: int, unit: FloatArray) -> None:
-        """Add ``unit`` to cohort ``i`` of ``group``: its centroid follows."""
+        """Add ``unit`` to cohort ``i`` of ``group``: its centroid follows (unless
+        pinned while resuming)."""
         cohort = group.cohorts[i]
         cohort.vector_sum += unit
-        cohort.centroid = cohort.vector_sum / np.linalg.norm(cohort.vector_sum)
-        group.matrix[i] = cohort.centroid
+        if not cohort.pinned:
+            cohort.centroid = cohort.vector_sum / np.linalg.norm(cohort.vector_sum)
+            group.matrix[i] = cohort.centroid
         # consume() appends the member right after this returns.
         group.full[i] = len(cohort.members) + 1 >= self.max_members
 
@@ -240,17 +266,30 @@ class CohortSynthesizer:
             if sims[best] >= self.settings.similarity:
                 self._grow(group, best, unit)
                 return group.cohorts[best]
-        return self._start(topic, unit, series_id(self.settings.salt, topic, pid))
+        return self._start(topic, unit, self._fresh_series(topic, pid))
+
+    def _fresh_series(self, topic: str, pid: bytes) -> bytes:
+        """The series of a cohort ``pid`` starts: named by it, unless a live cohort
+        already has that name (one resumed after a restart whose first member went
+        elsewhere): then a variant, so no two cohorts supersede each other."""
+        series = series_id(self.settings.salt, topic, pid)
+        n = 0
+        while series in self._series:
+            n += 1
+            series = series_id(self.settings.salt, topic, pid + n.to_bytes(4, "big"))
+        return series
 
     def _start(self, topic: str, unit: FloatArray, series: bytes) -> Cohort:
         """A new cohort led by ``unit`` (evicting the least recently updated if full)."""
         group = self._groups.get((topic, unit.size))
         if group is None:
             group = self._groups[(topic, unit.size)] = _Group(unit.size)
+        # The least recently updated goes; cohorts whose members are still coming
+        # back after a restart go last.
         if len(group.cohorts) >= self.max_cohorts_per_topic:
-            self._evict(min(group.cohorts, key=lambda c: c.touched))
+            self._evict(min(group.cohorts, key=_eviction_order))
         if len(self._cohorts) >= self.max_cohorts:
-            self._evict(min(self._cohorts.values(), key=lambda c: c.touched))
+            self._evict(min(self._cohorts.values(), key=_eviction_order))
         # An eviction may have emptied (and unlisted) this very group.
         group = self._groups.setdefault((topic, unit.size), group)
         self._seq += 1
@@ -259,6 +298,7 @@ class CohortSynthesizer:
             vector_sum=unit.copy(), centroid=unit.copy(),
         )
         self._cohorts[cohort.seq] = cohort
+        self._series[series] = cohort
         group.cohorts.append(cohort)
         group.matrix = np.vstack([group.matrix, unit[np.newaxis, :]])
         group.full = np.append(group.full, self.max_members <= 1)
@@ -274,6 +314,7 @@ class CohortSynthesizer:
         if not group.cohorts:
             del self._groups[key]
         del self._cohorts[cohort.seq]
+        del self._series[cohort.series]
         for pid in cohort.members:
             self._index.pop(pid, None)
         self._counts[counter] += 1
@@ -281,9 +322,8 @@ class CohortSynthesizer:
     # -- emitting ----------------------------------------------------------------
 
     def ready(self, now_ms: int) -> list[SynthesisDraft]:
-        # The worker re-read the store before this pass: parents that did not come
-        # back by now (expired, or held elsewhere) are not waited for.
-        self._expected.clear()
+        if self._previous:
+            self._end_resume()
         interval_ms = self.settings.interval * 1000
         drafts = []
         for cohort in list(self._cohorts.values()):
@@ -340,6 +380,10 @@ class CohortSynthesizer:
 
     def statistics(self) -> dict[str, int]:
         return {**self._counts, "cohorts": len(self._cohorts), "members": len(self._index)}
+
+
+def _eviction_order(cohort: Cohort) -> tuple[bool, int]:
+    return cohort.pinned, cohort.touched
 
 
 def _options(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -282,3 +282,53 @@ def test_listed_parents_rejoin_their_cohort_whatever_their_similarity() -> None:
     for p in reversed(cases):
         after.consume(p)
     assert [(c.series, len(c.members)) for c in after.cohorts()] == [(draft.series, 6)]
+
+
+def resumed_from(cases: list[OutcomePacket], *, after_kw: dict[str, object] | None = None,
+                 **kw: object) -> tuple[OutcomePacket, CohortSynthesizer]:
+    """The synthesis of ``cases`` before a restart, and a synthesizer (with ``kw``,
+    updated by ``after_kw``) that resumed it."""
+    before = CohortSynthesizer(settings(**kw))
+    for p in cases:
+        before.consume(p)
+    (draft,) = before.ready(NOW_MS)
+    old = sign_draft(draft)
+    after = CohortSynthesizer(settings(**{**kw, **(after_kw or {})}))
+    assert after.resume([old]) == 1
+    return old, after
+
+
+def test_a_new_cohort_never_takes_a_resumed_cohorts_series() -> None:
+    cases = cluster(1, 6)
+    # Digested parents rejoin by similarity: with a stricter one after the restart,
+    # the old first member starts a cohort of its own, which its id would name.
+    old, after = resumed_from(cases, max_parents=2, after_kw={"similarity": 0.9999})
+    for p in cases:
+        after.consume(p)
+    series = [c.series for c in after.cohorts()]
+    assert old.series == series_id(b"node", "t", cases[0].id) == series[0]
+    assert len(series) > 1 and len(set(series)) == len(series)
+
+
+def test_members_that_do_not_come_back_are_not_waited_for() -> None:
+    cases = cluster(1, 6)
+    old, after = resumed_from(cases, min_new=3)
+    for p in cases[:3]:  # the other three expired while the node was down
+        after.consume(p)
+    assert after.ready(NOW_MS + 1) == []  # nothing new yet
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        after.consume(obs(near(direction(1), rng), {"survived": True}))
+    (newer,) = after.ready(NOW_MS + 2)  # three new cases: min_new, as without a restart
+    assert (newer.series, newer.n) == (old.series, 6)
+
+
+def test_resumed_cohorts_are_evicted_last_and_their_old_synthesis_not_consumed() -> None:
+    cases = cluster(1, 5)
+    opts = {"max_cohorts_per_topic": 2, "include_syntheses": True}
+    old, after = resumed_from(cases, max_generation=2, options=opts)
+    for p in [*cluster(2, 1), *cluster(3, 1), old, *reversed(cases)]:  # two others first
+        after.consume(p)
+    resumed = [c for c in after.cohorts() if c.series == old.series]
+    assert [sorted(c.members) for c in resumed] == [sorted(p.id for p in cases)]
+    assert after.statistics()["duplicates"] == 1  # the old synthesis itself

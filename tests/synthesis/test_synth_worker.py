@@ -34,12 +34,14 @@ def cluster(seed: int, count: int, key_index: int = 0) -> list[OutcomePacket]:
 class Harness:
     def __init__(self, *, is_primary: Callable[[OutcomePacket], bool] = lambda p: True,
                  catch_up: Callable[[], Iterable[OutcomePacket]] | None = None,
+                 resume: Callable[[], Iterable[OutcomePacket]] | None = None,
                  fail_publish: bool = False, interval: float = INTERVAL) -> None:
         self.send, self.receive = trio.open_memory_channel[OutcomePacket | Delivery](64)
         self.synth = CohortSynthesizer(SynthesizerSettings(min_cohort=5))
         self.published: list[SynthesisDraft] = []
         self.is_primary = is_primary
         self.catch_up = catch_up
+        self.resume = resume
         self.fail_publish = fail_publish
         self.interval = interval
 
@@ -52,7 +54,8 @@ class Harness:
     async def start(self, nursery: trio.Nursery) -> WorkerState:
         state: WorkerState = await nursery.start(functools.partial(
             run_worker, self.receive, self.synth, is_primary=self.is_primary,
-            publish=self.publish, catch_up=self.catch_up, interval=self.interval,
+            publish=self.publish, catch_up=self.catch_up, resume=self.resume,
+            interval=self.interval,
             now_ms=lambda: NOW_MS,
         ))
         return state
@@ -171,3 +174,28 @@ async def test_catch_up_from_the_store_after_falling_behind(tmp_path: Path) -> N
                 await h.send.aclose()
     finally:
         store.close()
+
+
+async def test_after_a_restart_the_store_is_read_again_once(
+        autojump_clock: trio.testing.MockClock) -> None:
+    before = CohortSynthesizer(SynthesizerSettings(min_cohort=5))
+    held = cluster(1, 6)
+    for p in held:
+        before.consume(p)
+    (draft,) = before.ready(NOW_MS)
+    reads: list[int] = []
+
+    def read_store() -> list[OutcomePacket]:
+        reads.append(1)
+        return held
+
+    h = Harness(catch_up=read_store, resume=lambda: [sign_draft(draft)])
+    async with trio.open_nursery() as nursery:
+        state = await h.start(nursery)
+        await trio.sleep(INTERVAL * 4)
+        assert (state.resumed, len(reads), h.published) == (1, 1, [])  # nothing new
+        await h.send.send(cluster(1, 7)[6])
+        await trio.sleep(INTERVAL * 2)
+        assert [(d.series, d.n) for d in h.published] == [(draft.series, 7)]
+        assert len(reads) == 1
+        nursery.cancel_scope.cancel()
