@@ -13,6 +13,13 @@ of ``--repeats`` runs.
 
 Uses only the store's public API (and its lock), so the same script measures an
 older build: ``PYTHONPATH=<older checkout> .venv/bin/python scripts/bench_store.py``.
+
+``--daemon`` instead fills a state directory with packets of the default swarm under
+their real LSH keys and runs ``qisd run`` on it: how long until it is ready, and the
+median latency of ``status``, a metrics scrape and a ``query`` through the control
+socket while it holds that store.
+
+    .venv/bin/python scripts/bench_store.py --daemon [--packets 200000]
 """
 
 from __future__ import annotations
@@ -78,14 +85,102 @@ def timed(store: PacketStore, read: Callable[[], object]) -> tuple[float, float]
     return took, max(waits)
 
 
+def fill_state(state: Path, args: argparse.Namespace, rng: np.random.Generator) -> float:
+    """A daemon's store: default-swarm packets of 4 topics, each under its LSH keys."""
+    from qisd.fingerprint import keys_for
+    from qisd.manifest import DEFAULT_MANIFEST
+
+    store = PacketStore.open(state / "packets.db")
+    origins = [nacl.signing.SigningKey(rng.bytes(32)) for _ in range(64)]
+    centres = [rng.standard_normal(16) for _ in range(32)]
+    t0 = time.perf_counter()
+    batch: list[tuple[bytes, object]] = []
+    for i in range(args.packets):
+        topic = f"topic{i % 4}"
+        vec = centres[int(rng.integers(32))] + 0.3 * rng.standard_normal(16)
+        p = create_packet(origins[i % 64], swarm=DEFAULT_MANIFEST.swarm_id, topic=topic,
+                          sketch=make_sketch(vec), outcome={"survived": bool(i % 3)},
+                          ttl_s=86400, created_ms=NOW - i)
+        batch += [(key, p) for key in keys_for(DEFAULT_MANIFEST, topic, vec)]
+        if len(batch) >= 4000:
+            store.put_many(batch, now_ms=NOW)  # type: ignore[arg-type]
+            batch = []
+    if batch:
+        store.put_many(batch, now_ms=NOW)  # type: ignore[arg-type]
+    st = store.statistics()
+    store.close()
+    print(f"state: {st.packets:,} packets under {st.keys:,} keys, {st.bytes / 1e6:,.0f} MB; "
+          f"filled in {time.perf_counter() - t0:.0f} s")
+    return time.perf_counter() - t0
+
+
+def run_daemon(args: argparse.Namespace, rng: np.random.Generator) -> None:
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from qisd import Client
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        root = Path(tmp)
+        state = root / "state"
+        state.mkdir()
+        fill_state(state, args, rng)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(root / "notify"))
+        notify.settimeout(300)
+        sock = root / "qisd.sock"
+        cmd = [sys.executable, "-m", "qisd", "run", "--state-dir", str(state),
+               "--socket", str(sock), "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+               "--log-level", "warning"]
+        env = dict(os.environ, NOTIFY_SOCKET=str(root / "notify"))
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env)
+        try:
+            while b"READY=1" not in notify.recv(4096):
+                pass
+            ready = time.perf_counter() - t0
+            with Client(sock, timeout=60) as client:
+                url = str(client.status()["metrics"])
+                rows: list[tuple[str, Callable[[], object]]] = [
+                    ("status", client.status),
+                    ("metrics scrape", lambda: urllib.request.urlopen(url, timeout=60).read()),
+                    ("query, k=10", lambda: client.query(
+                        topic="topic1", vector=list(rng.standard_normal(16)), k=10)),
+                ]
+                print(f"qisd run on it: READY after {ready:.2f} s")
+                print(f"{'request':<16}  {'median ms':>9}  {'max ms':>7}")
+                for name, call in rows:
+                    took = []
+                    for _ in range(args.repeats):
+                        t = time.perf_counter()
+                        call()
+                        took.append(time.perf_counter() - t)
+                    print(f"{name:<16}  {statistics.median(took) * 1000:>9.1f}  "
+                          f"{max(took) * 1000:>7.1f}")
+                print(json.dumps({k: client.status()[k] for k in ("packets", "keys")}))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+            notify.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--packets", type=int, default=200_000)
     ap.add_argument("--keys", type=int, default=512)
     ap.add_argument("--keys-per-packet", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--daemon", action="store_true",
+                    help="run qisd on a filled state directory instead (see above)")
     args = ap.parse_args()
     rng = np.random.default_rng(1)
+    if args.daemon:
+        run_daemon(args, rng)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         store = PacketStore.open(Path(tmp) / "bench.db", max_packets=10 * args.packets,
                                  origin_quota=1.0, key_quota=10 * args.packets)
