@@ -224,6 +224,7 @@ RULES: dict[str, Rule] = {
     "store.origin_quota": _where("a fraction > 0 and <= 1", lambda v: 0 < v <= 1),
     "store.key_quota": _ints(1),
     "store.expire_interval": _SECONDS,
+    "store.cache_bytes": _ints(0),
     "synthesis.enabled": Rule("true or false", lambda v: v),
     "synthesis.synthesizer": _where(
         "an entry point name in group qisd.synthesizers",

@@ -121,6 +121,7 @@ class StoreConfig(Section):
     origin_quota: float = 0.25
     key_quota: int = 10_000
     expire_interval: float = 60.0
+    cache_bytes: int = 33_554_432
 
 
 @dataclass(frozen=True)

@@ -169,26 +169,3 @@ def cosine_many(query: Sketch, others: Sequence[Sketch]) -> FloatArray:
         if s.dim == query.dim and s.bits == 4:
             out[i] = float(np.dot(q, s.to_array()))
     return out
-
-
-def cosine_rows(query: Sketch, rows: Sequence[tuple[int, int, bytes]]) -> FloatArray:
-    """Cosine of ``query`` against raw ``(dim, bits, data)`` rows, as a store reads them.
-
-    Rows of the query's dimension at int8 are scored as one matrix product without
-    building a :class:`Sketch` per row; anything else takes the general path.
-    """
-    out = np.zeros(len(rows), dtype=np.float64)
-    fast = [i for i, r in enumerate(rows) if r[0] == query.dim and r[1] == 8]
-    if fast:
-        q = query.to_array()
-        mat = np.frombuffer(b"".join(rows[i][2] for i in fast), dtype=np.int8)
-        mat = mat.reshape(len(fast), query.dim).astype(np.float64)
-        norms = np.linalg.norm(mat, axis=1)
-        norms[norms == 0] = 1.0
-        out[fast] = (mat @ q) / norms
-    if len(fast) < len(rows):
-        done = set(fast)
-        for i, (dim, bits, data) in enumerate(rows):
-            if i not in done and dim == query.dim:
-                out[i] = float(np.dot(query.to_array(), Sketch(dim, bits, data).to_array()))
-    return out

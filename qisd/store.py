@@ -46,6 +46,7 @@ from qisd.storage import (
     writable,
     write_error,
 )
+from qisd.store_cache import DEFAULT_CACHE_BYTES, BucketCache
 from qisd.store_own import OWN_SCHEMA, StoreOwn
 
 __all__ = ["PacketStore", "PutResult", "StoreError", "StoreStats"]
@@ -125,6 +126,7 @@ class PacketStore(StoreOwn):
         origin_quota: float,
         key_quota: int,
         read_only: bool = False,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self._conn = conn
         self._lock = threading.Lock()
@@ -145,6 +147,8 @@ class PacketStore(StoreOwn):
         self._origin_counts: dict[bytes, int] = {}
         self._key_counts: dict[bytes, int] = {}
         self._reader: sqlite3.Connection | None = None  # see StoreReads._scan
+        #: Buckets ready to rank (StoreReads.top_ids): every write to a key drops its own.
+        self._buckets = BucketCache(cache_bytes)
         self._reader_lock = threading.Lock()
 
     @classmethod
@@ -156,6 +160,7 @@ class PacketStore(StoreOwn):
         max_bytes: int = 1 << 30,
         origin_quota: float = 0.25,
         key_quota: int = 10_000,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> PacketStore:
         """Open (creating if needed) the store at ``path``; ``":memory:"`` for tests.
 
@@ -185,6 +190,7 @@ class PacketStore(StoreOwn):
             origin_quota=origin_quota,
             key_quota=key_quota,
             read_only=read_only,
+            cache_bytes=cache_bytes,
         )
 
     @property
@@ -270,6 +276,7 @@ class PacketStore(StoreOwn):
         return conn
 
     def _forget_counts(self) -> None:
+        self._buckets.clear()
         self._totals = None
         self._origin_counts.clear()
         self._key_counts.clear()
@@ -344,6 +351,7 @@ class PacketStore(StoreOwn):
             return
         for pid, _ in gone:
             for (key,) in conn.execute("SELECT key FROM entries WHERE id=?", (pid,)):
+                self._buckets.drop(key)
                 if key in self._key_counts:
                     self._key_counts[key] -= 1
         conn.execute("DELETE FROM packets WHERE origin=? AND series=?", (origin, series))
@@ -386,6 +394,7 @@ class PacketStore(StoreOwn):
 
     def _add_entry(self, key: bytes, pid: bytes) -> None:
         self._conn.execute("INSERT INTO entries VALUES (?, ?)", (key, pid))
+        self._buckets.drop(key)
         self._key_counts[key] = self._key_counts.get(key, 0) + 1
 
     def expire(self, now_ms: int) -> int:

@@ -20,8 +20,9 @@ import numpy as np
 
 from qisd.logs import get_logger
 from qisd.packet import OutcomePacket, PacketError, decode_packet
-from qisd.sketch import Sketch, cosine_rows
+from qisd.sketch import Sketch
 from qisd.storage import StoreError, connect_reader
+from qisd.store_cache import Bucket, BucketCache
 
 T = TypeVar("T")
 #: Seconds the scans stay on the main connection after the reader failed.
@@ -42,6 +43,7 @@ class StoreReads:
     _closed: bool
     _reader: sqlite3.Connection | None
     _reader_lock: threading.Lock
+    _buckets: BucketCache
     #: After a reader fails (to open, or a scan), the main connection until then.
     _reader_off_until: float = 0.0
 
@@ -89,22 +91,32 @@ class StoreReads:
     def top_ids(
         self, key: bytes, query: Sketch, m: int, *, now_ms: int, offset: int = 0
     ) -> list[tuple[float, bytes]]:
-        """:meth:`top` as ``(similarity, packet id)`` pairs, no packet read or decoded."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT p.id, p.dim, p.bits, p.sketch"
-                " FROM entries e JOIN packets p ON p.id = e.id"
-                " WHERE e.key = ? AND p.expires_ms > ?",
-                (key, now_ms),
-            ).fetchall()
-        if not rows or m <= 0:
+        """:meth:`top` as ``(similarity, packet id)`` pairs, no packet read or decoded.
+
+        The key's bucket comes from the cache (:mod:`qisd.store_cache`) or is read
+        once into it; packets expired by ``now_ms`` are left out here."""
+        if m <= 0:
             return []
-        sims = cosine_rows(query, [(r[1], r[2], r[3]) for r in rows])
-        want = min(len(rows), offset + m)
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                rows = self._conn.execute(
+                    "SELECT p.id, p.expires_ms, p.dim, p.bits, p.sketch"
+                    " FROM entries e JOIN packets p ON p.id = e.id WHERE e.key = ?",
+                    (key,),
+                ).fetchall()
+                bucket = Bucket(rows)
+                self._buckets.put(key, bucket)
+        live = np.flatnonzero(bucket.expires > now_ms)
+        if not live.size:
+            return []
+        sims = bucket.cosine(query)[live]
+        ids = bucket.ids
+        want = min(live.size, offset + m)
         # Partial selection, then an exact order (ties by id) for the selected few.
-        cut = np.argpartition(-sims, want - 1)[:want] if want < len(rows) else range(len(rows))
-        order = sorted(cut, key=lambda i: (-sims[i], rows[i][0]))
-        return [(float(sims[i]), rows[i][0]) for i in order[offset : offset + m]]
+        cut = np.argpartition(-sims, want - 1)[:want] if want < live.size else range(live.size)
+        order = sorted(cut, key=lambda i: (-sims[i], ids[live[i]]))
+        return [(float(sims[i]), ids[live[i]]) for i in order[offset : offset + m]]
 
     def encoded(self, ids: Sequence[bytes], *, now_ms: int | None = None) -> dict[bytes, bytes]:
         """The stored encodings of those of ``ids`` held here (and, given ``now_ms``,

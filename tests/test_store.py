@@ -359,3 +359,70 @@ def test_kill_9_mid_batch_leaves_whole_batches(tmp_path: Path) -> None:
     assert len(items) == count
     assert sorted(int(p.outcome["i"]) for p in items) == list(range(count))
     s.close()
+
+
+def ranked(store: PacketStore, key: bytes, query: object, now_ms: int) -> list[bytes]:
+    """The bucket's order computed from scratch: cosine of every live packet."""
+    from qisd.sketch import cosine
+
+    items = store.key_items(key, now_ms)
+    scored = sorted((-cosine(query, p.sketch), p.id) for p in items)  # type: ignore[arg-type]
+    return [pid for _, pid in scored]
+
+
+def test_ranking_from_the_bucket_cache_follows_every_write(store: PacketStore) -> None:
+    rng = np.random.default_rng(3)
+    near_q = rng.standard_normal(32)
+    q = make_sketch(near_q)
+    store.put_many([(KEY_A, packet(i)) for i in range(30)], now_ms=NOW)
+
+    def top() -> list[bytes]:
+        return [pid for _, pid in store.top_ids(KEY_A, q, 50, now_ms=NOW)]
+
+    assert top() == ranked(store, KEY_A, q, NOW)
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    assert top() == ranked(store, KEY_A, q, NOW) and not [s for s in statements if "p.sketch" in s]
+    # A new packet under the key is ranked at once.
+    best = packet(100, vector=near_q)
+    store.put(KEY_A, best, now_ms=NOW)
+    assert top()[0] == best.id
+    # A superseded one leaves the ranking; a newer one of its series joins it.
+    k = nacl.signing.SigningKey(b"\x0d" * 32)
+    old = packet(101, key=k, vector=near_q * 1.01, kind=KIND_SYNTHESIS, series=b"\x07" * 16)
+    store.put(KEY_A, old, now_ms=NOW)
+    assert old.id in top()[:2]
+    newer = packet(102, key=k, kind=KIND_SYNTHESIS, series=b"\x07" * 16, created_ms=NOW + 1)
+    store.put(KEY_B, newer, now_ms=NOW)  # under another key: KEY_A's bucket loses old
+    assert old.id not in top() and top() == ranked(store, KEY_A, q, NOW)
+    # An expired packet is left out before any sweep, and after it.
+    brief = packet(103, vector=near_q, ttl_s=10)
+    store.put(KEY_A, brief, now_ms=NOW)
+    later = NOW + 20_000
+    assert brief.id not in [pid for _, pid in store.top_ids(KEY_A, q, 50, now_ms=later)]
+    store.expire(later)
+    assert [pid for _, pid in store.top_ids(KEY_A, q, 50, now_ms=later)] == ranked(
+        store, KEY_A, q, later)
+    # A batch rolled back leaves the ranking as the store is.
+    with pytest.raises(ValueError):
+        store.put_many([(KEY_A, packet(104, vector=near_q)), (b"short", packet(105))],
+                       now_ms=NOW)
+    assert top() == ranked(store, KEY_A, q, NOW) and top()[0] == best.id
+
+
+def test_bucket_cache_keeps_the_recent_buckets_within_its_bytes() -> None:
+    from qisd.store_cache import Bucket, BucketCache
+
+    def bucket(rows: int) -> Bucket:
+        return Bucket([(bytes([i]) * 16, NOW, 64, 8, bytes(64)) for i in range(rows)])
+
+    one = bucket(10).nbytes
+    cache = BucketCache(max_bytes=3 * one)
+    for key in (b"a", b"b", b"c"):
+        cache.put(key, bucket(10))
+    assert cache.get(b"a") is not None  # a is now the most recent
+    cache.put(b"d", bucket(10))
+    assert [k in cache for k in (b"a", b"b", b"c", b"d")] == [True, False, True, True]
+    assert cache.bytes == 3 * one
+    cache.put(b"huge", bucket(40))  # more than the whole budget: not kept
+    assert b"huge" not in cache and len(cache) == 3

@@ -105,6 +105,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             max_bytes=config.store.max_bytes,
             origin_quota=config.store.origin_quota,
             key_quota=config.store.key_quota,
+            cache_bytes=config.store.cache_bytes,
         )
         if store.failure is not None:
             log.warning("packet store read-only: serving queries, refusing writes",
