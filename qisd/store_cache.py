@@ -29,8 +29,10 @@ from qisd.sketch import FloatArray, Sketch
 #: Bytes of prepared buckets a store keeps (sketch matrices, norms, ids, times);
 #: ``store.cache_bytes`` in the daemon's config.
 DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
-#: Bytes counted per row beside its sketch: id, expiry time, norm, row index.
+#: Bytes counted per row beside its sketch (id, expiry time, norm, row index), and
+#: per bucket.
 ROW_OVERHEAD = 96
+BUCKET_OVERHEAD = 512
 
 IntArray = npt.NDArray[np.int64]
 
@@ -46,14 +48,15 @@ class Bucket:
         self.expires: IntArray = np.fromiter((r[1] for r in rows), dtype=np.int64,
                                              count=len(rows))
         by_dim: dict[int, list[int]] = {}
-        self._other: list[tuple[int, Sketch]] = []
+        # Other widths stay raw: read (and checked) only by a query of their dimension.
+        self._other: list[tuple[int, int, int, bytes]] = []
         for i, (_, _, dim, bits, data) in enumerate(rows):
             if bits == 8:
                 by_dim.setdefault(dim, []).append(i)
             else:
-                self._other.append((i, Sketch(dim, bits, data)))
+                self._other.append((i, dim, bits, data))
         self._int8: dict[int, tuple[IntArray, npt.NDArray[np.int8], FloatArray]] = {}
-        nbytes = ROW_OVERHEAD * len(rows)
+        nbytes = BUCKET_OVERHEAD + ROW_OVERHEAD * len(rows)
         for dim, idx in by_dim.items():
             mat = np.frombuffer(b"".join(rows[i][4] for i in idx), dtype=np.int8)
             mat = mat.reshape(len(idx), dim)
@@ -61,7 +64,7 @@ class Bucket:
             norms[norms == 0] = 1.0
             self._int8[dim] = (np.asarray(idx, dtype=np.int64), mat, norms)
             nbytes += mat.nbytes
-        nbytes += sum(len(s.data) for _, s in self._other)
+        nbytes += sum(2 * len(r[3]) + ROW_OVERHEAD for r in self._other)
         self.nbytes = nbytes
 
     def __len__(self) -> int:
@@ -75,9 +78,9 @@ class Bucket:
         if same is not None:
             idx, mat, norms = same
             out[idx] = (mat.astype(np.float64) @ q) / norms
-        for i, sketch in self._other:
-            if sketch.dim == query.dim:
-                out[i] = float(np.dot(q, sketch.to_array()))
+        for i, dim, bits, data in self._other:
+            if dim == query.dim:
+                out[i] = float(np.dot(q, Sketch(dim, bits, data).to_array()))
         return out
 
 
@@ -90,6 +93,8 @@ class BucketCache:
         self.hits = 0
         self.misses = 0
         self._items: OrderedDict[bytes, Bucket] = OrderedDict()
+        #: Bumped by every drop and clear: a bucket read before a write is not kept.
+        self.version = 0
 
     def get(self, key: bytes) -> Bucket | None:
         bucket = self._items.get(key)
@@ -101,9 +106,10 @@ class BucketCache:
         return bucket
 
     def put(self, key: bytes, bucket: Bucket) -> None:
-        """Keep ``bucket`` (unless it alone exceeds the budget), evicting the oldest."""
+        """Keep ``bucket`` (unless it is empty or alone exceeds the budget), evicting
+        the oldest."""
         self.drop(key)
-        if bucket.nbytes > self.max_bytes:
+        if not bucket.ids or bucket.nbytes > self.max_bytes:
             return
         self._items[key] = bucket
         self.bytes += bucket.nbytes
@@ -112,11 +118,13 @@ class BucketCache:
             self.bytes -= old.nbytes
 
     def drop(self, key: bytes) -> None:
+        self.version += 1
         bucket = self._items.pop(key, None)
         if bucket is not None:
             self.bytes -= bucket.nbytes
 
     def clear(self) -> None:
+        self.version += 1
         self._items.clear()
         self.bytes = 0
 

@@ -98,15 +98,21 @@ class StoreReads:
         if m <= 0:
             return []
         with self._lock:
+            if self._closed:
+                raise StoreError(f"packet store {self.path or ':memory:'}: closed")
             bucket = self._buckets.get(key)
             if bucket is None:
+                version = self._buckets.version
                 rows = self._conn.execute(
                     "SELECT p.id, p.expires_ms, p.dim, p.bits, p.sketch"
                     " FROM entries e JOIN packets p ON p.id = e.id WHERE e.key = ?",
                     (key,),
                 ).fetchall()
-                bucket = Bucket(rows)
-                self._buckets.put(key, bucket)
+        if bucket is None:
+            bucket = Bucket(rows)  # off the lock: writers need not wait for it
+            with self._lock:
+                if self._buckets.version == version:  # no write since the read
+                    self._buckets.put(key, bucket)
         live = np.flatnonzero(bucket.expires > now_ms)
         if not live.size:
             return []

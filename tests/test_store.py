@@ -426,3 +426,33 @@ def test_bucket_cache_keeps_the_recent_buckets_within_its_bytes() -> None:
     assert cache.bytes == 3 * one
     cache.put(b"huge", bucket(40))  # more than the whole budget: not kept
     assert b"huge" not in cache and len(cache) == 3
+
+
+def test_bucket_cache_keeps_no_stale_empty_or_closed_buckets(
+    store: PacketStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qisd.store_reads
+    from qisd.store_cache import Bucket
+
+    q = make_sketch(np.ones(32))
+    assert store.top_ids(KEY_A, q, 10, now_ms=NOW) == [] and len(store._buckets) == 0
+    store.put(KEY_A, packet(1), now_ms=NOW)
+    late = packet(2, vector=np.ones(32))
+
+    def racing(rows: list[tuple[bytes, int, int, int, bytes]]) -> Bucket:
+        store.put(KEY_A, late, now_ms=NOW)  # a write while the bucket is being built
+        return Bucket(rows)
+
+    monkeypatch.setattr(qisd.store_reads, "Bucket", racing)
+    assert [pid for _, pid in store.top_ids(KEY_A, q, 10, now_ms=NOW)] == [packet(1).id]
+    monkeypatch.undo()
+    assert KEY_A not in store._buckets  # read before that write: not kept
+    assert store.top_ids(KEY_A, q, 10, now_ms=NOW)[0][1] == late.id
+    assert KEY_A in store._buckets
+    store.put(KEY_B, packet(3, ttl_s=10), now_ms=NOW)
+    store.expire(NOW + 20_000)
+    assert len(store._buckets) == 0  # a sweep that deleted packets clears the cache
+    store.top_ids(KEY_A, q, 10, now_ms=NOW)
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.top_ids(KEY_A, q, 10, now_ms=NOW)
