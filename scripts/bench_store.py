@@ -16,8 +16,9 @@ older build: ``PYTHONPATH=<older checkout> .venv/bin/python scripts/bench_store.
 
 ``--daemon`` instead fills a state directory with packets of the default swarm under
 their real LSH keys and runs ``qisd run`` on it: how long until it is ready, and the
-median latency of ``status``, a metrics scrape and a ``query`` through the control
-socket while it holds that store.
+median latency of ``status``, a metrics scrape and ``query`` (a new vector each time,
+and one vector again) through the control socket while it holds that store; twice,
+with the bucket cache (``store.cache_bytes``) and without it.
 
     .venv/bin/python scripts/bench_store.py --daemon [--packets 200000]
 """
@@ -115,7 +116,20 @@ def fill_state(state: Path, args: argparse.Namespace, rng: np.random.Generator) 
 
 
 def run_daemon(args: argparse.Namespace, rng: np.random.Generator) -> None:
-    import json
+    import tempfile as tf
+
+    with tf.TemporaryDirectory(dir="/tmp") as tmp:
+        root = Path(tmp)
+        state = root / "state"
+        state.mkdir()
+        fill_state(state, args, rng)
+        # The same store twice: with the bucket cache (default) and without it.
+        for cache in (None, 0):
+            serve_and_time(root, state, args, np.random.default_rng(2), cache)
+
+
+def serve_and_time(root: Path, state: Path, args: argparse.Namespace,
+                   rng: np.random.Generator, cache_bytes: int | None) -> None:
     import os
     import socket
     import subprocess
@@ -124,48 +138,51 @@ def run_daemon(args: argparse.Namespace, rng: np.random.Generator) -> None:
 
     from qisd import Client
 
-    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-        root = Path(tmp)
-        state = root / "state"
-        state.mkdir()
-        fill_state(state, args, rng)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(root / "notify"))
-        notify.settimeout(300)
-        sock = root / "qisd.sock"
-        cmd = [sys.executable, "-m", "qisd", "run", "--state-dir", str(state),
-               "--socket", str(sock), "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
-               "--log-level", "warning"]
-        env = dict(os.environ, NOTIFY_SOCKET=str(root / "notify"))
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env)
-        try:
-            while b"READY=1" not in notify.recv(4096):
-                pass
-            ready = time.perf_counter() - t0
-            with Client(sock, timeout=60) as client:
-                url = str(client.status()["metrics"])
-                rows: list[tuple[str, Callable[[], object]]] = [
-                    ("status", client.status),
-                    ("metrics scrape", lambda: urllib.request.urlopen(url, timeout=60).read()),
-                    ("query, k=10", lambda: client.query(
-                        topic="topic1", vector=list(rng.standard_normal(16)), k=10)),
-                ]
-                print(f"qisd run on it: READY after {ready:.2f} s")
-                print(f"{'request':<16}  {'median ms':>9}  {'max ms':>7}")
-                for name, call in rows:
-                    took = []
-                    for _ in range(args.repeats):
-                        t = time.perf_counter()
-                        call()
-                        took.append(time.perf_counter() - t)
-                    print(f"{name:<16}  {statistics.median(took) * 1000:>9.1f}  "
-                          f"{max(took) * 1000:>7.1f}")
-                print(json.dumps({k: client.status()[k] for k in ("packets", "keys")}))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-            notify.close()
+    notify_path = root / "notify"
+    notify_path.unlink(missing_ok=True)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(300)
+    sock = root / "qisd.sock"
+    cmd = [sys.executable, "-m", "qisd", "run", "--state-dir", str(state),
+           "--socket", str(sock), "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+           "--log-level", "warning"]
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+    if cache_bytes is not None:
+        env["QISD_STORE_CACHE_BYTES"] = str(cache_bytes)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        while b"READY=1" not in notify.recv(4096):
+            pass
+        ready = time.perf_counter() - t0
+        with Client(sock, timeout=60) as client:
+            url = str(client.status()["metrics"])
+            again = list(rng.standard_normal(16))
+            rows: list[tuple[str, Callable[[], object]]] = [
+                ("status", client.status),
+                ("metrics scrape", lambda: urllib.request.urlopen(url, timeout=60).read()),
+                ("query, k=10, new vector each time", lambda: client.query(
+                    topic="topic1", vector=list(rng.standard_normal(16)), k=10)),
+                ("query, k=10, one vector again", lambda: client.query(
+                    topic="topic2", vector=again, k=10)),
+            ]
+            client.query(topic="topic2", vector=again, k=10)  # its buckets read once
+            label = "default" if cache_bytes is None else str(cache_bytes)
+            print(f"qisd run, store.cache_bytes {label}: READY after {ready:.2f} s")
+            print(f"{'request':<34}  {'median ms':>9}  {'max ms':>7}")
+            for name, call in rows:
+                took = []
+                for _ in range(args.repeats):
+                    t = time.perf_counter()
+                    call()
+                    took.append(time.perf_counter() - t)
+                print(f"{name:<34}  {statistics.median(took) * 1000:>9.1f}  "
+                      f"{max(took) * 1000:>7.1f}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        notify.close()
 
 
 def main() -> None:
