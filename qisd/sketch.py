@@ -156,16 +156,50 @@ def cosine(a: Sketch, b: Sketch) -> float:
 
 def cosine_many(query: Sketch, others: Sequence[Sketch]) -> FloatArray:
     """Cosine of ``query`` against many sketches at once (vectorised for int8)."""
-    q = query.to_array()
-    out = np.zeros(len(others), dtype=np.float64)
-    same8 = [i for i, s in enumerate(others) if s.dim == query.dim and s.bits == 8]
-    if same8:
-        mat = np.frombuffer(b"".join(others[i].data for i in same8), dtype=np.int8)
-        mat = mat.reshape(len(same8), query.dim).astype(np.float64)
-        norms = np.linalg.norm(mat, axis=1)
-        norms[norms == 0] = 1.0
-        out[same8] = (mat @ q) / norms
-    for i, s in enumerate(others):
-        if s.dim == query.dim and s.bits == 4:
-            out[i] = float(np.dot(q, s.to_array()))
-    return out
+    return SketchRows([(s.dim, s.bits, s.data) for s in others]).cosine(query)
+
+
+class SketchRows:
+    """Raw ``(dim, bits, data)`` sketches prepared once for many cosine queries.
+
+    The int8 rows of each dimension become one matrix (with their norms), scored by
+    one product; rows of other widths stay raw and are read (and checked) only by a
+    query of their dimension; rows of another dimension score 0.
+    """
+
+    __slots__ = ("_int8", "_other", "count", "nbytes")
+
+    def __init__(self, rows: Sequence[tuple[int, int, bytes]]) -> None:
+        self.count = len(rows)
+        by_dim: dict[int, list[int]] = {}
+        self._other: list[tuple[int, int, int, bytes]] = []
+        for i, (dim, bits, data) in enumerate(rows):
+            if bits == 8:
+                by_dim.setdefault(dim, []).append(i)
+            else:
+                self._other.append((i, dim, bits, data))
+        self._int8: dict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.int8],
+                                    FloatArray]] = {}
+        #: Bytes held: the int8 matrices, and raw rows counted twice (the data and
+        #: the Sketch a query builds from it).
+        self.nbytes = sum(2 * len(r[3]) for r in self._other)
+        for dim, idx in by_dim.items():
+            mat = np.frombuffer(b"".join(rows[i][2] for i in idx), dtype=np.int8)
+            mat = mat.reshape(len(idx), dim)
+            norms = np.linalg.norm(mat.astype(np.float64), axis=1)
+            norms[norms == 0] = 1.0
+            self._int8[dim] = (np.asarray(idx, dtype=np.int64), mat, norms)
+            self.nbytes += mat.nbytes + norms.nbytes
+
+    def cosine(self, query: Sketch) -> FloatArray:
+        """Cosine of ``query`` against every row (0 for rows of another dimension)."""
+        out = np.zeros(self.count, dtype=np.float64)
+        q = query.to_array()
+        same = self._int8.get(query.dim)
+        if same is not None:
+            idx, mat, norms = same
+            out[idx] = (mat.astype(np.float64) @ q) / norms
+        for i, dim, bits, data in self._other:
+            if dim == query.dim:
+                out[i] = float(np.dot(q, Sketch(dim, bits, data).to_array()))
+        return out

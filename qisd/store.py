@@ -420,9 +420,9 @@ class PacketStore(StoreOwn):
     def statistics(self) -> StoreStats:
         """Packets, bytes and distinct keys held.
 
-        The distinct keys take a scan of every key entry (~0.6 s for 4 million); in a
-        file store it runs on a reader connection of its own (WAL: readers do not
-        block the writer), so storage and queries go on meanwhile.
+        The distinct keys take a pass over every key entry; in a file store it runs
+        on a reader connection of its own (WAL: readers do not block the writer), so
+        storage and queries go on meanwhile.
         """
         with self._lock:
             if self._closed:
@@ -430,7 +430,6 @@ class PacketStore(StoreOwn):
             count, size = self._total()
         keys = self._scan(_count_keys)
         return StoreStats(packets=int(count), bytes=int(size), keys=int(keys))
-
 
 
 def _count_keys(conn: sqlite3.Connection) -> int:

@@ -4,17 +4,13 @@ A responsible node ranks a key's whole bucket by sketch cosine for every query t
 probes the key (only the best few cross the network). Reading the bucket is the cost:
 a join of every entry to its packet, several times the ranking itself
 (``scripts/bench_store.py --daemon``: a repeated query at 200,000 packets took 567 ms
-without this cache and 36 ms with it). :class:`Bucket` holds a
-key's rows as arrays (ids, expiry times, the int8 sketches as one matrix per
-dimension); :class:`BucketCache` keeps the most recently used buckets within a byte
-budget. The store drops a key's bucket on every write that adds or removes one of
-its entries and clears the cache on expiry sweeps and rollbacks; expiry between
-those is applied at query time from the cached times, so a ranking is always of
-what the store holds.
-
-Scores: ``(int8 rows as float64 @ query) / row norms`` for sketches of the query's
-dimension at 8 bits, the exact dequantized dot product for other widths, 0 for other
-dimensions.
+without this cache and 36 ms with it). :class:`Bucket` holds a key's rows as arrays
+(ids, expiry times, and the sketches as :class:`qisd.sketch.SketchRows`, one int8
+matrix per dimension); :class:`BucketCache` keeps the most recently used buckets
+within a byte budget. The store drops a key's bucket on every write that adds or
+removes one of its entries and clears the cache on expiry sweeps and rollbacks;
+expiry between those is applied at query time from the cached times, so a ranking is
+always of what the store holds.
 """
 
 from __future__ import annotations
@@ -25,13 +21,13 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from qisd.sketch import FloatArray, Sketch
+from qisd.sketch import FloatArray, Sketch, SketchRows
 
 #: Bytes of prepared buckets a store keeps (sketch matrices, norms, ids, times);
 #: ``store.cache_bytes`` in the daemon's config.
 DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
-#: Bytes counted per row beside its sketch (id, expiry time, norm, row index), and
-#: per bucket.
+#: Bytes counted per row beside its sketch (id, expiry time, row index), and per
+#: bucket.
 ROW_OVERHEAD = 96
 BUCKET_OVERHEAD = 512
 
@@ -41,48 +37,19 @@ IntArray = npt.NDArray[np.int64]
 class Bucket:
     """The live-or-not rows of one key, ready for :meth:`cosine`."""
 
-    __slots__ = ("_int8", "_other", "expires", "ids", "nbytes")
+    __slots__ = ("_sketches", "expires", "ids", "nbytes")
 
     def __init__(self, rows: Sequence[tuple[bytes, int, int, int, bytes]]) -> None:
         """``rows``: ``(id, expires_ms, dim, bits, sketch data)`` as the store reads them."""
         self.ids = [r[0] for r in rows]
         self.expires: IntArray = np.fromiter((r[1] for r in rows), dtype=np.int64,
                                              count=len(rows))
-        by_dim: dict[int, list[int]] = {}
-        # Other widths stay raw: read (and checked) only by a query of their dimension.
-        self._other: list[tuple[int, int, int, bytes]] = []
-        for i, (_, _, dim, bits, data) in enumerate(rows):
-            if bits == 8:
-                by_dim.setdefault(dim, []).append(i)
-            else:
-                self._other.append((i, dim, bits, data))
-        self._int8: dict[int, tuple[IntArray, npt.NDArray[np.int8], FloatArray]] = {}
-        nbytes = BUCKET_OVERHEAD + ROW_OVERHEAD * len(rows)
-        for dim, idx in by_dim.items():
-            mat = np.frombuffer(b"".join(rows[i][4] for i in idx), dtype=np.int8)
-            mat = mat.reshape(len(idx), dim)
-            norms = np.linalg.norm(mat.astype(np.float64), axis=1)
-            norms[norms == 0] = 1.0
-            self._int8[dim] = (np.asarray(idx, dtype=np.int64), mat, norms)
-            nbytes += mat.nbytes
-        nbytes += sum(2 * len(r[3]) + ROW_OVERHEAD for r in self._other)
-        self.nbytes = nbytes
-
-    def __len__(self) -> int:
-        return len(self.ids)
+        self._sketches = SketchRows([(r[2], r[3], r[4]) for r in rows])
+        self.nbytes = BUCKET_OVERHEAD + ROW_OVERHEAD * len(rows) + self._sketches.nbytes
 
     def cosine(self, query: Sketch) -> FloatArray:
         """Cosine of ``query`` against every row (0 for rows of another dimension)."""
-        out = np.zeros(len(self.ids), dtype=np.float64)
-        q = query.to_array()
-        same = self._int8.get(query.dim)
-        if same is not None:
-            idx, mat, norms = same
-            out[idx] = (mat.astype(np.float64) @ q) / norms
-        for i, dim, bits, data in self._other:
-            if dim == query.dim:
-                out[i] = float(np.dot(q, Sketch(dim, bits, data).to_array()))
-        return out
+        return self._sketches.cosine(query)
 
 
 class BucketCache:
@@ -91,19 +58,14 @@ class BucketCache:
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.hits = 0
-        self.misses = 0
         self._items: OrderedDict[bytes, Bucket] = OrderedDict()
         #: Bumped by every drop and clear: a bucket read before a write is not kept.
         self.version = 0
 
     def get(self, key: bytes) -> Bucket | None:
         bucket = self._items.get(key)
-        if bucket is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
+        if bucket is not None:
+            self._items.move_to_end(key)
         return bucket
 
     def put(self, key: bytes, bucket: Bucket) -> None:

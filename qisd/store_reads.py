@@ -3,8 +3,10 @@ top-m under a key (packets, or ids only), encodings by id, paging, key listings,
 packets by id, origin or topic.
 
 Everything in the store was verified before it was written, so reads decode without
-verifying again. Each query runs under the store's lock on its main connection, but
-the passes over every entry (:meth:`StoreReads._scan`).
+verifying again. Each query runs under the store's lock on its main connection,
+except the passes over every entry, which run on a reader connection
+(:meth:`StoreReads._scan`), and the ranking of a key's bucket, which runs on its
+cached arrays (:mod:`qisd.store_cache`).
 """
 
 from __future__ import annotations
