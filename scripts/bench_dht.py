@@ -312,6 +312,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.ops = 500
+    if args.nodes < 8 or args.ops < 1:
+        ap.error("--nodes must be at least 8 (the packets-per-key check uses eight nodes), "
+                 "--ops at least 1")
     if args.profile:
         import pstats
 
