@@ -7,6 +7,7 @@ returns plain JSON-ready maps: the daemon returns data, the CLI renders it.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -14,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import trio
 
 from qisd import __version__
@@ -21,6 +23,7 @@ from qisd.answer import answer_query, match_summary
 from qisd.config import Config, format_hostport, parse_hostport
 from qisd.control.errors import ControlError
 from qisd.control.protocol import MAX_K, MAX_LIMIT
+from qisd.daemon.created import CreationClock
 from qisd.daemon.watch import Subscription, WatchHub
 from qisd.dht import DHTNode
 from qisd.fingerprint import LSH, keys_for, probe_keys
@@ -44,6 +47,13 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _content_key(topic: str, sketch: Sketch, outcome: Mapping[str, Any], n: int, ttl: int) -> bytes:
+    """What makes two emits the same packet but for their time (see CreationClock)."""
+    items = sorted(outcome.items(), key=lambda item: repr(item[0]))  # names not yet checked
+    fields = [topic, sketch.dim, sketch.bits, sketch.data, items, n, ttl]
+    return hashlib.blake2b(msgpack.packb(fields, default=repr), digest_size=16).digest()
+
+
 @dataclass
 class NodeService:
     config: Config
@@ -65,6 +75,8 @@ class NodeService:
     worker_state: WorkerState | None = None
     #: Control server request counters (set by the daemon once the server starts).
     control_stats: Any = None
+    #: created_ms of emitted packets: two emits of one case are two packets.
+    creation: CreationClock = field(default_factory=CreationClock)
     _inflight: int = 0
     _listening: Counter[bytes] = field(default_factory=Counter)
     _idle: trio.Event = field(default_factory=trio.Event)
@@ -191,6 +203,7 @@ class NodeService:
             )
         try:
             sketch = quantize(normalize(vector))
+            content = _content_key(topic, sketch, outcome, n, ttl_s)
             packet = create_packet(
                 self.ident.signing_key,
                 swarm=self.manifest.swarm_id,
@@ -199,6 +212,7 @@ class NodeService:
                 outcome=dict(outcome),
                 n=n,
                 ttl_s=ttl_s,
+                created_ms=self.creation.created_ms(content),
                 max_bytes=self.manifest.packet_max_bytes,
             )
             # Keys come from the sketch, not the raw vector, so any node holding the

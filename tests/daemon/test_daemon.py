@@ -210,6 +210,22 @@ def test_bulk_emit_file_reports_each_bad_line(workdir: Path, daemons: list[Daemo
     assert cli_json("status", socket_path=d.socket)["packets"] == 2
 
 
+def test_identical_cases_in_one_batch_are_each_kept(workdir: Path, daemons: list[Daemon]) -> None:
+    """Fifty patients alike in every recorded respect are fifty cases, not one packet
+    stored fifty times (same content in one millisecond would be the same packet)."""
+    d = Daemon(workdir, "alike").start()
+    daemons.append(d)
+    line = json.dumps({"topic": "t", "vector": [1, 2, 3], "outcome": {"died": True}})
+    path = workdir / "alike.jsonl"
+    path.write_text((line + "\n") * 50)
+    proc = cli("emit", "--file", str(path), "--json", socket_path=d.socket)
+    summary = json.loads(proc.stdout)
+    ids = [r["id"] for r in summary["results"]]
+    assert summary["accepted"] == 50 and len(set(ids)) == 50
+    held = cli_json("packets", "--topic", "t", "--limit", "200", socket_path=d.socket)["packets"]
+    assert sorted(p["id"] for p in held if p["kind"] == "observation") == sorted(ids)
+
+
 def test_bad_input_is_named(workdir: Path, daemons: list[Daemon]) -> None:
     d = Daemon(workdir, "bad").start()
     daemons.append(d)
