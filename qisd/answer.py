@@ -16,8 +16,16 @@ No case is counted twice:
   shares a parent with one already taken is left out (``support.overlapping``).
 * An observation claimed by a synthesis that was taken is left out
   (``support.covered``): its case is inside the synthesis, weighed there by the
-  synthesis's similarity. Syntheses with digested parents cannot be checked and are
-  used as they are.
+  synthesis's similarity.
+* A synthesis of more packets than it can list names its parents by one digest,
+  which no subset can be checked against. Its members are presumed to be the
+  observations found that are not newer than it and at least
+  :data:`PRESUMED_SIMILARITY` alike to its centroid (a cohort's members are within
+  the synthesizer's similarity of its centroid, 0.9 by default), the most similar
+  first and never more than the packets it says it summarises; those are left out
+  (``support.presumed_covered``). A presumption can be wrong at a cohort's edge (a
+  case left out that it did not hold, or one it held kept), but a case is never
+  counted twice merely because its synthesis was too large to list it.
 
 ``support.origins`` is a lower bound (the distinct origins of the raw packets used,
 or the most any one synthesis reports, whichever is larger): syntheses say how many
@@ -31,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qisd.packet import KIND_SYNTHESIS, OutcomePacket
+from qisd.sketch import cosine
 from qisd.synthesis.encoding import Decoded, EncodingError, decode_outcome
 from qisd.synthesis.stats import NUMERIC, FieldStat, OutcomeAggregate
 
@@ -45,6 +54,12 @@ def match_summary(similarity: float, packet: OutcomePacket) -> dict[str, Any]:
         "origin": packet.origin.hex(),
         "kind": packet.kind,
     }
+
+
+#: How alike to a digested synthesis's centroid an observation must be to be presumed
+#: one of its members (a little under the default cohort similarity, 0.9: a centroid
+#: drifts after a member joins, and sketches are quantized).
+PRESUMED_SIMILARITY = 0.85
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,16 +116,20 @@ def answer_query(matches: Sequence[tuple[float, OutcomePacket]], *, k: int) -> d
             claimed |= parents
         syntheses.append(syn)
 
+    presumed = _presumed_members(syntheses, observations, claimed)
     estimate = OutcomeAggregate()
     cases_of: dict[str, float] = {}
     cases = packets = 0
     raw_origins: set[bytes] = set()
     synth_origins = 0
-    covered = 0
+    covered = presumed_covered = 0
     used_observations = used_syntheses = 0
     for sim, packet in observations:
         if packet.id in claimed:
             covered += 1
+            continue
+        if packet.id in presumed:
+            presumed_covered += 1
             continue
         weight = max(sim, 0.0) * packet.n
         if weight <= 0:
@@ -149,11 +168,36 @@ def answer_query(matches: Sequence[tuple[float, OutcomePacket]], *, k: int) -> d
             "observations": used_observations,
             "syntheses": used_syntheses,
             "covered": covered,
+            "presumed_covered": presumed_covered,
             "overlapping": overlapping,
             "superseded": superseded,
             "undecodable": undecodable,
         },
     }
+
+
+def _presumed_members(
+    syntheses: Sequence[_Synthesis],
+    observations: Sequence[tuple[float, OutcomePacket]],
+    claimed: set[bytes],
+) -> set[bytes]:
+    """The observations presumed inside the digested syntheses (module docstring),
+    the largest synthesis choosing first."""
+    presumed: set[bytes] = set()
+    for syn in syntheses:
+        if syn.explicit:
+            continue
+        made = syn.packet.created_ms
+        near = sorted(
+            ((cosine(p.sketch, syn.packet.sketch), p.id) for _, p in observations
+             if p.id not in claimed and p.id not in presumed and p.created_ms <= made),
+            reverse=True,
+        )
+        for alike, pid in near[: syn.decoded.packets]:
+            if alike < PRESUMED_SIMILARITY:
+                break
+            presumed.add(pid)
+    return presumed
 
 
 def _newer(a: _Synthesis, b: _Synthesis) -> bool:

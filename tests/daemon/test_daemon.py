@@ -224,6 +224,21 @@ def test_identical_cases_in_one_batch_are_each_kept(workdir: Path, daemons: list
     assert summary["accepted"] == 50 and len(set(ids)) == 50
     held = cli_json("packets", "--topic", "t", "--limit", "200", socket_path=d.socket)["packets"]
     assert sorted(p["id"] for p in held if p["kind"] == "observation") == sorted(ids)
+    # The synthesis of the fifty names them by one digest; a query finding it and the
+    # fifty still counts fifty cases.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        held = cli_json("packets", "--topic", "t", socket_path=d.socket)["packets"]
+        if any(p["kind"] == "synthesis" for p in held):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("no synthesis of the fifty within 30 s")
+    answer = cli_json("query", "--topic", "t", "--vector", "[1, 2, 3]", "-k", "60",
+                      socket_path=d.socket)["answer"]
+    assert answer["support"]["syntheses"] == 1
+    assert answer["support"]["presumed_covered"] == 50
+    assert answer["support"]["cases"] == 50
 
 
 def test_bad_input_is_named(workdir: Path, daemons: list[Daemon]) -> None:

@@ -81,11 +81,35 @@ def test_synthesis_and_its_parents_are_not_double_counted() -> None:
     assert raw["support"]["cases"] == 12 and raw["support"]["covered"] == 0
 
 
-def test_digested_parents_cannot_be_matched() -> None:
+def test_members_of_a_digested_synthesis_are_presumed_inside_it() -> None:
+    """Parents named by one digest cannot be matched, so the observations found near
+    the synthesis and not newer than it are presumed its members, never more of them
+    than it summarises; without that, each would count twice."""
     members, synthesis = cohort_and_synthesis(count=6, max_parents=4)
     assert len(synthesis.parents) == 1
-    answer = answer_query([(0.9, synthesis), (0.9, members[0])], k=10)
-    assert answer["support"]["covered"] == 0 and answer["support"]["cases"] == 12 + 2
+    answer = answer_query([(0.9, synthesis)] + [(0.9, m) for m in members], k=10)
+    support = answer["support"]
+    assert support["presumed_covered"] == 6 and support["covered"] == 0
+    assert support["cases"] == 12 and support["observations"] == 0
+
+
+def test_presumed_members_are_alike_older_and_no_more_than_it_holds() -> None:
+    members, synthesis = cohort_and_synthesis(count=6, max_parents=4)
+    rng = np.random.default_rng(7)
+    older_alike = [obs(near(direction(1), rng), {"survived": True}, n=5,
+                       created_ms=synthesis.created_ms - 1) for _ in range(2)]
+    newer_alike = obs(near(direction(1), rng), {"survived": True}, n=7,
+                      created_ms=synthesis.created_ms + 1)
+    unlike = obs(direction(9), {"survived": False}, n=3, created_ms=synthesis.created_ms - 1)
+    found = members + older_alike + [newer_alike, unlike]
+    answer = answer_query([(0.9, synthesis)] + [(0.8, p) for p in found], k=20)
+    support = answer["support"]
+    # Eight alike and older, six presumed (what it summarises); the newer and the
+    # unlike one are never presumed.
+    assert support["presumed_covered"] == 6
+    assert support["observations"] == 2 + 1 + 1
+    kept = support["cases"] - 12
+    assert kept in {7 + 3 + 5 + 5, 7 + 3 + 5 + 2, 7 + 3 + 2 + 2}
 
 
 def test_older_versions_and_overlapping_syntheses_are_left_out() -> None:
