@@ -171,6 +171,8 @@ async def _serve(
             nursery.start_soon(
                 _bootstrap_forever, node, service, config.node.bootstrap_addresses
             )
+        else:
+            service.joined.set()
         if notifier.watchdog_interval:
             nursery.start_soon(_watchdog, notifier, notifier.watchdog_interval)
         _log_ready(config, service, node)
@@ -217,23 +219,33 @@ async def _pump_deliveries(
 async def _bootstrap_forever(
     node: DHTNode, service: NodeService, addrs: tuple[tuple[str, int], ...]
 ) -> None:
-    """Join through the bootstrap peers; retry with backoff while none answers, and
-    again whenever the routing table runs empty. The node serves (N=1) meanwhile."""
+    """Join through the bootstrap peers at start (a table saved by the last run
+    included: they are the operator's word on where the swarm is), and again, with
+    backoff while none answers, whenever the routing table runs empty. The node
+    serves (N=1) meanwhile."""
     delay, cap = BOOTSTRAP_BACKOFF
+    first = True
     while True:
-        if len(node.table) == 0:
-            found, failed = await node.join(list(addrs))
+        if first or len(node.table) == 0:
+            try:
+                found, failed = await node.join(list(addrs))
+            finally:
+                service.joined.set()
+            first = False
             why = {format_hostport(h, p): reason for (h, p), reason in failed.items()}
             if found:
                 service.last_bootstrap = time.time()
                 log.info("bootstrapped", peers=len(node.table), via=len(found),
                          **({"failed": why} if why else {}))
                 delay = BOOTSTRAP_BACKOFF[0]
-            else:
+            elif len(node.table) == 0:
                 log.warning("bootstrap found no peer", retry_in=delay, failed=why)
                 await trio.sleep(delay)
                 delay = min(cap, delay * 2)
                 continue
+            else:
+                log.warning("bootstrap found no peer; serving with the saved peers",
+                            peers=len(node.table), failed=why)
         await trio.sleep(cap)
 
 

@@ -70,6 +70,9 @@ class NodeService:
     synthesis_behind: int = 0
     #: Wall-clock time of the last successful bootstrap (for metrics), or None.
     last_bootstrap: float | None = None
+    #: Set once the first attempt to join through the bootstrap peers is over (at
+    #: once without any): the routing table is then as good as it gets for a while.
+    joined: trio.Event = field(default_factory=trio.Event)
     #: Synthesis packets this node published, and the worker's state (set by synth).
     synthesised: int = 0
     worker_state: WorkerState | None = None

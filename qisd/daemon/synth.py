@@ -89,6 +89,11 @@ async def run_synthesis(
         own = service.store.own_packets(int(time.time() * 1000))
         return [p for p, _ in own if p.kind == KIND_SYNTHESIS]
 
+    async def settle() -> None:
+        # Saved contacts checked again, and the first join through bootstrap peers.
+        await service.node.rejoined.wait()
+        await service.joined.wait()
+
     async def publish(draft: SynthesisDraft) -> None:
         await publish_draft(service, draft)
 
@@ -101,6 +106,7 @@ async def run_synthesis(
                 publish=publish,
                 catch_up=catch_up,
                 resume=resume,
+                settle=settle,
                 interval=max(0.05, config.synthesis.interval),
                 state=state,
                 task_status=task_status,

@@ -117,6 +117,9 @@ class DHTNode:
         self.dual_stack = endpoint.dual_stack
         self._pinging: set[bytes] = set()
         self._nursery: trio.Nursery | None = None
+        #: Set once the contacts saved by the last run were checked again (at once
+        #: when there were none): until then the routing table may not be the swarm's.
+        self.rejoined = trio.Event()
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -134,16 +137,21 @@ class DHTNode:
             await nursery.start(maintenance.run, self)
             if restored:
                 nursery.start_soon(self._rejoin, restored)
+            else:
+                self.rejoined.set()
             task_status.started()
 
     async def _rejoin(self, restored: list[Node]) -> None:
-        if self.admission.required:
-            # A saved table proves nothing: in a closed swarm each contact enters
-            # only once it has proven its key again (qisd.dht.admission).
-            await self.admission.restore(restored)
-        # Contacts from the state file may be stale: a lookup of our own id pings
-        # them, evicts the dead ones and tells the live ones we are back.
-        await self.lookup_nodes(self.me.id)
+        try:
+            if self.admission.required:
+                # A saved table proves nothing: in a closed swarm each contact enters
+                # only once it has proven its key again (qisd.dht.admission).
+                await self.admission.restore(restored)
+            # Contacts from the state file may be stale: a lookup of our own id pings
+            # them, evicts the dead ones and tells the live ones we are back.
+            await self.lookup_nodes(self.me.id)
+        finally:
+            self.rejoined.set()
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
         """Start ``fn(*args)`` in the node's nursery; False if the node is not running.

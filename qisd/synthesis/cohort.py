@@ -85,11 +85,21 @@ class Cohort:
     generation: int = 0
     expires_ms: int = 0
     touched: int = 0
-    #: Members the resumed synthesis already counted that have not come back yet:
-    #: they do not count as new; and whether its centroid stays the old synthesis's
-    #: while they come back (see :meth:`CohortSynthesizer.resume`).
-    resumed: int = 0
+    #: While resuming (see :meth:`CohortSynthesizer.resume`): the old synthesis's
+    #: members as it named them, and that its centroid stays put while they come
+    #: back (what is new is decided once they have).
+    previous: _Previous | None = None
     pinned: bool = False
+
+
+@dataclass(frozen=True)
+class _Previous:
+    """What a resumed synthesis said of its members: how many, and its parents
+    (listed ids, or one digest of them all)."""
+
+    packets: int
+    parents: tuple[bytes, ...]
+    listed: bool
 
 
 @dataclass(eq=False)
@@ -145,50 +155,92 @@ class CohortSynthesizer:
         next synthesis supersedes the old one instead of standing beside it with
         the same cases. Listed parents go straight back to their cohort; the
         others rejoin by similarity to the old centroid, which stays put until the
-        next :meth:`ready` (the worker re-reads the store before it). Members the
-        old synthesis counted are not new again, so an unchanged cohort is not
-        synthesised again; at that :meth:`ready` the resume ends: members that did
-        not come back (expired, or now another node's to synthesise) are no longer
-        waited for, and a cohort no member rejoined is forgotten at the next
-        :meth:`forget`. Returns the cohorts resumed.
+        next :meth:`ready` (the worker re-reads the store before it). There the
+        resume ends: a cohort's members are compared with what its old synthesis
+        named, and only members it did not name are new (a cohort whose members
+        all came back and no other is not synthesised again; members that did not
+        come back, expired meanwhile, are not waited for, as an expired member is
+        not without a restart). A cohort no member rejoined is forgotten at the
+        next :meth:`forget`. At most ``max_cohorts`` (and ``max_cohorts_per_topic``
+        per topic) of the newest syntheses are taken. Returns the cohorts resumed.
         """
         count = 0
-        for packet in previous:
-            if packet.kind != KIND_SYNTHESIS or packet.series in self._series:
-                continue
+        for packet in self._resumable(previous):
             try:
                 decoded = decode_outcome(packet.outcome, packet.n)
-            except EncodingError:
+                unit = packet.sketch.to_array()
+            except (EncodingError, ValueError):
+                self._counts["skipped_undecodable"] += 1
                 continue
-            unit = packet.sketch.to_array()
             if not np.any(unit):
                 continue
             cohort = self._start(packet.topic, unit, packet.series)
             cohort.vector_sum = np.zeros_like(unit)  # the members' sum, once they rejoin
-            cohort.resumed, cohort.pinned = decoded.packets, True
+            listed = len(packet.parents) == decoded.packets
+            cohort.previous = _Previous(decoded.packets, packet.parents, listed)
+            cohort.pinned = True
             self._tick += 1
             cohort.touched = self._tick  # not the first evicted while they come back
             self._previous.add(packet.id)
-            if len(packet.parents) == decoded.packets:  # listed, not a digest
+            if listed:
                 for pid in packet.parents:
                     self._expected[pid] = cohort
             count += 1
         self._counts["resumed"] += count
         return count
 
+    def _resumable(self, previous: Iterable[OutcomePacket]) -> list[OutcomePacket]:
+        """The syntheses :meth:`resume` takes: one per series (the newest), newest
+        first, within the cohort caps (more would only evict one another)."""
+        newest: dict[bytes, OutcomePacket] = {}
+        for packet in previous:
+            if packet.kind != KIND_SYNTHESIS or not packet.series:
+                continue  # (an empty series names no cohort)
+            held = newest.get(packet.series)
+            if held is None or packet.created_ms > held.created_ms:
+                newest[packet.series] = packet
+        taken: list[OutcomePacket] = []
+        per_group: dict[tuple[str, int], int] = {}
+        for packet in sorted(newest.values(), key=lambda p: (-p.created_ms, p.id)):
+            if packet.series in self._series:
+                continue
+            group = (packet.topic, packet.sketch.dim)
+            if per_group.get(group, 0) >= self.max_cohorts_per_topic:
+                continue
+            if len(taken) + len(self._cohorts) >= self.max_cohorts:
+                break
+            per_group[group] = per_group.get(group, 0) + 1
+            taken.append(packet)
+        return taken
+
     def _end_resume(self) -> None:
         """The worker re-read the store before this pass: members that did not come
-        back by now are not waited for, and centroids follow their members again."""
+        back by now are not waited for, centroids follow their members again, and
+        what is new in each resumed cohort is what its old synthesis did not name."""
         self._expected.clear()
         self._previous.clear()
         for group in self._groups.values():
             for i, cohort in enumerate(group.cohorts):
                 if cohort.pinned:
-                    cohort.pinned, cohort.resumed = False, 0
+                    cohort.pinned = False
+                    cohort.new = self._new_since(cohort)
+                    cohort.previous = None
                     norm = float(np.linalg.norm(cohort.vector_sum))
                     if norm > 0:
                         cohort.centroid = cohort.vector_sum / norm
                         group.matrix[i] = cohort.centroid
+
+    def _new_since(self, cohort: Cohort) -> int:
+        """Members of a resumed cohort that its old synthesis did not count."""
+        prev = cohort.previous
+        if prev is None:
+            return cohort.new
+        if prev.listed:
+            return len(set(cohort.members) - set(prev.parents))
+        # Digested: only "the same members or not" can be told.
+        same = (len(cohort.members) == prev.packets and bounded_parents(
+            cohort.members, self.settings.max_parents) == (prev.parents, True))
+        return 0 if same else max(1, len(cohort.members) - prev.packets)
 
     # -- consuming ---------------------------------------------------------------
 
@@ -228,9 +280,7 @@ class CohortSynthesizer:
             cohort.aggregate.merge(addition)
         cohort.generation = max(cohort.generation, packet.generation)
         cohort.expires_ms = max(cohort.expires_ms, packet.expires_ms)
-        if cohort.resumed:
-            cohort.resumed -= 1
-        else:
+        if not cohort.pinned:  # (a resumed cohort's new members are told at its end)
             cohort.new += 1
         self._counts["consumed"] += 1
 

@@ -34,6 +34,9 @@ log = structlog.get_logger("qisd.synthesis")
 SEEN_CAPACITY = 65_536
 #: Packets read from the store per worker-thread call while catching up.
 CATCH_UP_BATCH = 500
+#: Longest wait, after resuming, for the routing table to settle before the store
+#: is re-read (who is primary for a packet depends on it).
+SETTLE_WAIT_S = 60.0
 
 
 class CarriesPacket(Protocol):
@@ -158,6 +161,7 @@ async def run_worker(
     publish: Callable[[SynthesisDraft], Awaitable[None]],
     catch_up: Callable[[], Iterable[OutcomePacket]] | None = None,
     resume: Callable[[], Iterable[OutcomePacket]] | None = None,
+    settle: Callable[[], Awaitable[None]] | None = None,
     interval: float,
     state: WorkerState | None = None,
     clock: Callable[[], float] = trio.current_time,
@@ -173,7 +177,11 @@ async def run_worker(
     ``resume`` gives this node's own live syntheses from before a restart: a
     synthesizer with a ``resume(packets)`` method takes its cohorts back from them
     (the default one does), and the first pass then re-reads the store through
-    ``catch_up``, so its next syntheses supersede the old ones.
+    ``catch_up``, so its next syntheses supersede the old ones. That pass waits for
+    ``settle`` (at most :data:`SETTLE_WAIT_S`): the store's packets are judged
+    primary or not by the routing table, which right after a start may still be
+    empty or stale (deliveries wait in the channel meanwhile; if it fills, the
+    re-read covers them).
     """
     if not interval > 0:
         raise ValueError(f"interval: must be > 0 seconds, got {interval}")
@@ -183,6 +191,12 @@ async def run_worker(
     task_status.started(state)
     if resume is not None and catch_up is not None:
         await _resume(state, synthesizer, resume)
+        if state.rescan and settle is not None:
+            with trio.move_on_after(SETTLE_WAIT_S) as waited:
+                await settle()
+            if waited.cancelled_caught:
+                log.warning("synthesis re-reads the store before the routing table settled",
+                            waited_s=SETTLE_WAIT_S)
     deadline = clock() + interval
     while True:
         closed = False

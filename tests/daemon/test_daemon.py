@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_helpers import Daemon, cli, cli_json
@@ -363,3 +364,34 @@ def test_dual_stack_daemon_bridges_ipv4_and_ipv6_daemons(
         assert pid in [m["id"] for m in result["matches"]]
     for d in (v4, v6, dual):
         assert d.stop() == 0
+
+
+def test_a_dead_bootstrap_peer_is_named_even_with_saved_peers(
+    workdir: Path, daemons: list[Daemon]
+) -> None:
+    """The bootstrap peers are tried at every start, a routing table saved by the last
+    run or not: a wrong or dead one is said, not skipped in silence."""
+    import socket
+
+    a = Daemon(workdir, "saved-a").start()
+    daemons.append(a)
+    b = Daemon(workdir, "saved-b", bootstrap=[a.address]).start()
+    daemons.append(b)
+    _wait_peers(b, 1, timeout=20)
+    assert b.stop() == 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    b.bootstrap = [dead]
+    b.start()
+    def naming_dead() -> list[dict[str, Any]]:
+        rows = [json.loads(r) for r in b.log.read_text().splitlines() if r.startswith("{")]
+        return [r for r in rows if dead in r.get("failed", {})]
+
+    deadline = time.monotonic() + 30
+    while not naming_dead():
+        assert time.monotonic() < deadline, b.log.read_text()[-3000:]
+        time.sleep(0.2)
+    (line,) = naming_dead()
+    assert line["failed"][dead] == "no answer" and line["peers"] >= 1
+    assert cli_json("status", socket_path=b.socket)["peers"] >= 1

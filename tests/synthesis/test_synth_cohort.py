@@ -332,3 +332,51 @@ def test_resumed_cohorts_are_evicted_last_and_their_old_synthesis_not_consumed()
     resumed = [c for c in after.cohorts() if c.series == old.series]
     assert [sorted(c.members) for c in resumed] == [sorted(p.id for p in cases)]
     assert after.statistics()["duplicates"] == 1  # the old synthesis itself
+
+
+@pytest.mark.parametrize("max_parents", [16, 2], ids=["listed", "digest"])
+def test_new_members_replacing_expired_ones_are_new(max_parents: int) -> None:
+    """Two of six expired while the node was down and two new cases came: as many
+    members as before, but not the same ones, so the cohort is synthesised again."""
+    cases = cluster(1, 6)
+    old, after = resumed_from(cases, max_parents=max_parents, min_new=2)
+    rng = np.random.default_rng(11)
+    fresh = [obs(near(direction(1), rng), {"survived": False}) for _ in range(2)]
+    for p in [*fresh, *cases[2:]]:  # the new ones delivered before the re-read
+        after.consume(p)
+    drafts = after.ready(NOW_MS + 1) + after.ready(NOW_MS + 1 + 2000)  # the interval
+    assert [(d.series, d.n) for d in drafts] == [(old.series, 6)]
+    assert drafts[0].outcome["survived?false"] == 2 + sum(
+        1 for p in cases[2:] if p.outcome["survived"] is False)
+
+
+@pytest.mark.parametrize("max_parents", [16, 2], ids=["listed", "digest"])
+def test_a_resumed_cohort_whose_members_all_came_back_is_not_synthesised_again(
+    max_parents: int,
+) -> None:
+    cases = cluster(1, 6)
+    _, after = resumed_from(cases, max_parents=max_parents)
+    for p in reversed(cases):
+        after.consume(p)
+    assert after.ready(NOW_MS + 1) == [] and after.ready(NOW_MS + 10_000) == []
+    # Its centroid follows its members again: their mean, not the old pinned one.
+    (cohort,) = after.cohorts()
+    units = np.array([p.sketch.to_array() for p in cases])
+    mean = units.sum(axis=0) / np.linalg.norm(units.sum(axis=0))
+    assert np.allclose(cohort.centroid, mean)
+
+
+def test_resume_takes_the_newest_syntheses_within_the_cohort_caps() -> None:
+    olds = []
+    for seed in range(5):
+        before = CohortSynthesizer(settings())
+        for p in cluster(10 + seed, 5):
+            before.consume(p)
+        (draft,) = before.ready(NOW_MS)
+        olds.append(sign_draft(draft))  # created in this order: the last is the newest
+    capped = CohortSynthesizer(settings(options={"max_cohorts": 2}))
+    assert capped.resume(olds) == 2
+    assert {c.series for c in capped.cohorts()} == {olds[4].series, olds[3].series}
+    per_topic = CohortSynthesizer(settings(options={"max_cohorts_per_topic": 3}))
+    assert per_topic.resume(olds) == 3
+    assert per_topic.statistics()["evicted"] == 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,8 @@ class Harness:
     def __init__(self, *, is_primary: Callable[[OutcomePacket], bool] = lambda p: True,
                  catch_up: Callable[[], Iterable[OutcomePacket]] | None = None,
                  resume: Callable[[], Iterable[OutcomePacket]] | None = None,
-                 fail_publish: bool = False, interval: float = INTERVAL) -> None:
+                 fail_publish: bool = False, interval: float = INTERVAL,
+                 settle: Callable[[], Awaitable[None]] | None = None) -> None:
         self.send, self.receive = trio.open_memory_channel[OutcomePacket | Delivery](64)
         self.synth = CohortSynthesizer(SynthesizerSettings(min_cohort=5))
         self.published: list[SynthesisDraft] = []
@@ -44,6 +45,7 @@ class Harness:
         self.resume = resume
         self.fail_publish = fail_publish
         self.interval = interval
+        self.settle = settle
 
     async def publish(self, draft: SynthesisDraft) -> None:
         await trio.sleep(0.01)  # like a DHT put, it takes time
@@ -55,7 +57,7 @@ class Harness:
         state: WorkerState = await nursery.start(functools.partial(
             run_worker, self.receive, self.synth, is_primary=self.is_primary,
             publish=self.publish, catch_up=self.catch_up, resume=self.resume,
-            interval=self.interval,
+            settle=self.settle, interval=self.interval,
             now_ms=lambda: NOW_MS,
         ))
         return state
@@ -176,20 +178,31 @@ async def test_catch_up_from_the_store_after_falling_behind(tmp_path: Path) -> N
         store.close()
 
 
+class Restarted:
+    """A node's store after a restart: six cases and its synthesis of them from
+    before; ``read_store`` (the worker's catch-up) counts its calls in ``reads``."""
+
+    def __init__(self) -> None:
+        before = CohortSynthesizer(SynthesizerSettings(min_cohort=5))
+        self.held = cluster(1, 6)
+        for p in self.held:
+            before.consume(p)
+        (self.draft,) = before.ready(NOW_MS)
+        self.reads: list[int] = []
+
+    def read_store(self) -> list[OutcomePacket]:
+        self.reads.append(1)
+        return self.held
+
+    def own_syntheses(self) -> list[OutcomePacket]:
+        return [sign_draft(self.draft)]
+
+
 async def test_after_a_restart_the_store_is_read_again_once() -> None:
     """Real clock (the resume and the re-read run in worker threads, see above)."""
-    before = CohortSynthesizer(SynthesizerSettings(min_cohort=5))
-    held = cluster(1, 6)
-    for p in held:
-        before.consume(p)
-    (draft,) = before.ready(NOW_MS)
-    reads: list[int] = []
-
-    def read_store() -> list[OutcomePacket]:
-        reads.append(1)
-        return held
-
-    h = Harness(catch_up=read_store, resume=lambda: [sign_draft(draft)], interval=0.05)
+    r = Restarted()
+    draft, reads = r.draft, r.reads
+    h = Harness(catch_up=r.read_store, resume=r.own_syntheses, interval=0.05)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             state = await h.start(nursery)
@@ -201,4 +214,25 @@ async def test_after_a_restart_the_store_is_read_again_once() -> None:
                 await state.wait_pass()
             assert [(d.series, d.n) for d in h.published] == [(draft.series, 7)]
             assert len(reads) == 1
+            await h.send.aclose()
+
+
+async def test_after_a_restart_the_store_waits_for_the_routing_table_to_settle() -> None:
+    """Who is primary for a stored packet depends on the routing table: right after a
+    start it may be empty (every packet would look like ours) or stale, so the
+    re-read waits for it (the daemon: saved peers checked, first bootstrap done)."""
+    r = Restarted()
+    reads = r.reads
+    settled = trio.Event()
+    h = Harness(catch_up=r.read_store, resume=r.own_syntheses, interval=0.05,
+                settle=settled.wait)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            state = await h.start(nursery)
+            await trio.sleep(0.5)  # ten intervals
+            assert (state.resumed, reads, state.passes) == (1, [], 0)
+            settled.set()
+            for _ in range(3):
+                await state.wait_pass()
+            assert len(reads) == 1 and h.published == []  # the same cohort: nothing new
             await h.send.aclose()
