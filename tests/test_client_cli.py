@@ -735,3 +735,22 @@ def test_emit_file_that_cannot_be_read_to_the_end_sends_what_it_read(
     assert summary["error"] == {"code": "read_error", "message":
                                 "cannot read the input after line 2: Input/output error"}
     assert "line 3 and after: not sent" in err
+
+
+def test_packet_text_cannot_forge_lines_or_drive_the_terminal() -> None:
+    """Outcome values come from any member of the swarm: shown escaped in tables."""
+    from qisd.cli import render
+
+    hostile = "\x1b[2J\x1b[31mRED\r\nFAKE LINE\x00"
+    packet = {"id": "ab" * 16, "topic": "t", "kind": "observation", "n": 1,
+              "origin": "cd" * 32, "created_ms": 1_700_000_000_000,
+              "outcome": {"note": hostile, "ward": "réa"}}
+    query = {"matches": [{**packet, "similarity": 0.9}],
+             "answer": {"fields": {"note": {"type": "categorical",
+                                            "probabilities": {hostile: 1.0}}}}}
+    for text in (render.render_packets({"packets": [packet]}), render.render_query(query),
+                 render.render_event(packet)):
+        assert not any(ch in text for ch in "\x1b\r\x00")
+        assert "FAKE LINE" in text and "\\x0d\\x0aFAKE LINE" in text
+        assert not any(line.startswith("FAKE") for line in text.splitlines())
+    assert "ward=réa" in render.render_packets({"packets": [packet]})  # printable: as is
