@@ -641,6 +641,39 @@ def test_json_errors_are_also_json_on_stdout(sock: str) -> None:
     assert json.loads(missing.stdout)["error"]["code"] == "not_running"
 
 
+@pytest.mark.parametrize("args", [
+    ["emit", "-t", "t", "--vector", "[1]", "-o", "a=1", "--n", "0"],
+    ["query", "-t", "t", "--vector", "[1]", "-k", "0"],
+    ["packets", "--limit", "0"],
+    ["bootstrap"],
+    ["status", "--bogus"],
+], ids=["range", "k", "limit", "missing", "unknown"])
+def test_argument_errors_found_before_the_command_runs_are_json_too(
+    sock: str, args: list[str]
+) -> None:
+    """Errors click finds while parsing (ranges, missing arguments, unknown options)
+    print a JSON error with --json, as those the command finds itself do."""
+    result = run(*args, "--socket", sock, "--json")
+    assert result.exit_code == 2
+    (line,) = result.stdout.splitlines()
+    error = json.loads(line)["error"]
+    assert error["code"] == "usage" and error["message"]
+    assert "Usage:" in result.stderr
+    plain = run(*args, "--socket", sock)
+    assert plain.exit_code == 2 and plain.stdout == ""
+
+
+def test_config_show_json_names_config_problems(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qisd.cli import app
+
+    monkeypatch.setenv("QISD_DHT_KSIZE", "abc")
+    result = runner.invoke(app, ["config", "show", "--json"])
+    assert result.exit_code == 1
+    error = json.loads(result.stdout)["error"]
+    assert error["code"] == "invalid_config" and "QISD_DHT_KSIZE" in error["message"]
+    assert "QISD_DHT_KSIZE" in result.stderr
+
+
 # -- a reader that stops reading ends the output quietly ------------------------------
 
 _CLI = ("import sys, typer; from qisd.cli.client_cmd import register;"

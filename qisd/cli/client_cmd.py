@@ -22,7 +22,7 @@ import typer
 
 from qisd.cli import render
 from qisd.cli.client_files import emit_file, open_lines, query_file
-from qisd.cli.output import Failure, echo, echo_json, failure, report, warn
+from qisd.cli.output import Failure, JsonUsageCommand, echo, echo_json, failure, report, warn
 from qisd.control.calls import SOCKET_ENV
 from qisd.control.client import Client
 from qisd.control.errors import ControlError
@@ -450,4 +450,4 @@ def _json_usage_errors(command: Callable[..., None]) -> Callable[..., None]:
 def register(app: typer.Typer) -> None:
     """Add the client commands to the ``qisd`` app."""
     for name, command in _COMMANDS:
-        app.command(name, epilog=EXIT_HELP)(_json_usage_errors(command))
+        app.command(name, epilog=EXIT_HELP, cls=JsonUsageCommand)(_json_usage_errors(command))

@@ -16,7 +16,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from qisd.cli.output import echo
+from qisd.cli.output import JsonUsageCommand, echo, echo_json
 from qisd.config import Config, ConfigError, load_config, to_dict, to_toml
 from qisd.config_checks import runtime_problems
 
@@ -34,17 +34,22 @@ _FILE_HELP = (
 )
 
 
-def _fail(problems: tuple[str, ...]) -> NoReturn:
+def _fail(problems: tuple[str, ...], as_json: bool = False) -> NoReturn:
+    """An ``error:`` line per problem on stderr (and, with ``--json``, one error map
+    on stdout naming them all), exit 1."""
     for problem in problems:
         typer.echo(f"error: {problem}", err=True)
+    if as_json:
+        echo_json({"error": {"code": "invalid_config", "message": "; ".join(problems),
+                             "problems": list(problems)}})
     raise typer.Exit(code=1)
 
 
-def _load(file: Path | None) -> Config:
+def _load(file: Path | None, as_json: bool = False) -> Config:
     try:
         return load_config(file, env=os.environ)
     except ConfigError as exc:
-        _fail(exc.problems)
+        _fail(exc.problems, as_json)
 
 
 def _describe(config: Config) -> str:
@@ -67,7 +72,7 @@ def check(
     typer.echo(f"ok: {_describe(config)}")
 
 
-@config_app.command("show")
+@config_app.command("show", cls=JsonUsageCommand)
 def show(
     config_file: Annotated[
         Path | None, typer.Option("--config", "-c", help=_FILE_HELP, show_default=False)
@@ -75,7 +80,7 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of TOML.")] = False,
 ) -> None:
     """Print the effective configuration (defaults, file and environment applied)."""
-    config = _load(config_file)
+    config = _load(config_file, as_json)
     # echo: a reader that stops early (| head) ends the output quietly, exit 0.
     if as_json:
         echo(json.dumps(to_dict(config), indent=2))

@@ -19,7 +19,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from qisd.cli.output import echo, echo_json
+from qisd.cli.output import JsonUsageCommand, echo, echo_json
 from qisd.identity import Identity, IdentityError
 from qisd.manifest import (
     MAX_ENCODED_BYTES,
@@ -174,7 +174,7 @@ def _seed(text: str | None) -> bytes:
     return seed
 
 
-@manifest_app.command("new")
+@manifest_app.command("new", cls=JsonUsageCommand)
 def new(
     file: Annotated[Path, typer.Argument(help="Where to write it: FILE.toml or FILE.msgpack.",
                                          show_default=False)],
@@ -246,7 +246,7 @@ def new(
          f" manifest = \"{file}\" in its config, or QISD_MANIFEST={file}.")
 
 
-@manifest_app.command("show")
+@manifest_app.command("show", cls=JsonUsageCommand)
 def show(
     file: Annotated[Path, typer.Argument(help="A manifest file (.toml or .msgpack).",
                                          show_default=False)],

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import typer
+import typer.core
 
 from qisd.control.errors import ControlError, ControlSocketError, DaemonNotRunning
 
-__all__ = ["LOCAL_CODES", "Failure", "echo", "echo_json", "failure", "report", "warn"]
+__all__ = ["LOCAL_CODES", "Failure", "JsonUsageCommand", "echo", "echo_json", "failure",
+           "report", "warn"]
 
 #: Error codes of failures the daemon did not report itself.
 LOCAL_CODES = {
@@ -40,7 +42,36 @@ LOCAL_CODES = {
     "unreachable": "bootstrap: no peer answered",
     "watch_ended": "the daemon ended the watch",
     "usage": "bad arguments",
+    "invalid_config": "the configuration (file or QISD_* variables) has problems",
 }
+
+#: click's UsageError (typer carries its own click; BadParameter is one of them).
+_USAGE_ERROR: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"
+)
+
+
+class JsonUsageCommand(typer.core.TyperCommand):
+    """A command whose argument errors (a value out of range, an unknown option, a
+    missing argument: found before the command runs) are, with ``--json``, also one
+    ``{"error": {"code": "usage", ...}}`` line on stdout; typer still prints them
+    with the usage on stderr and exits 2."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None,
+                     **extra: Any) -> Any:
+        # (the parser consumes ``args`` as it goes)
+        options = args[: args.index("--")] if "--" in args else list(args)
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except _USAGE_ERROR as exc:
+            if "--json" in options:
+                echo_json({"error": {"code": "usage", "message": _message(exc)}})
+            raise
+
+
+def _message(exc: Exception) -> str:
+    format_message = getattr(exc, "format_message", None)
+    return str(format_message()) if callable(format_message) else str(exc)
 
 
 def _silence_stdout() -> None:
