@@ -238,6 +238,7 @@ RULES: dict[str, Rule] = {
     "synthesis.channel_size": _ints(1),
     "control.socket_mode": Rule("an octal mode string such as '0660'", _mode),
     "control.max_request_bytes": _ints(1),
+    "control.idle_timeout": _SECONDS,
     "log.level": _choice("debug", "info", "warning", "error", "critical"),
     "log.format": _choice("auto", "json", "console"),
     "daemon.grace_period": _where("a number of seconds >= 0", lambda v: v >= 0),

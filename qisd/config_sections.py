@@ -146,6 +146,9 @@ class ControlConfig(Section):
     section: ClassVar[str] = "control"
     socket_mode: str = "0660"
     max_request_bytes: int = 1_048_576
+    #: Seconds a connection may wait between requests before it is closed (a watch
+    #: is not idle); the client library reconnects on its next call.
+    idle_timeout: float = 60.0
 
     @property
     def mode(self) -> int:

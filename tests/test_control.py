@@ -575,6 +575,84 @@ def test_daemon_not_running() -> None:
             status_of(stale)
 
 
+# -- idle connections ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sent", [b"", b'{"v": 1, "id": 1, "method": "sta'],
+                         ids=["nothing", "half a line"])
+def test_an_idle_connection_is_told_and_closed(sent: bytes) -> None:
+    """A client that holds a connection without asking anything cannot keep its slot
+    (all of them, at the connection cap) for good."""
+    with serving(FakeAPI(), idle_timeout=0.3) as (path, stats), raw_connect(path) as sock:
+        sock.sendall(sent)
+        (notice,) = read_lines(sock, 1)
+        assert notice["id"] is None and notice["error"]["code"] == "idle"
+        assert sock.recv(1) == b""  # closed
+        assert stats.connections_idle == 1
+
+
+def test_requests_and_watches_keep_a_connection_alive() -> None:
+    api = FakeAPI()
+    with serving(api, idle_timeout=0.4) as (path, stats), raw_connect(path) as sock:
+        for i in range(4):  # 0.2 s apart: never 0.4 s idle
+            sock.sendall(req(i, "status"))
+            assert read_lines(sock, 1)[0]["id"] == i
+            trio.run(trio.sleep, 0.2)
+        assert stats.connections_idle == 0
+        with raw_connect(path) as watcher:
+            watcher.sendall(req(1, "watch", topic="w"))
+            assert read_lines(watcher, 1)[0]["result"] == {"watching": "w"}
+            trio.run(trio.sleep, 1.0)  # a watch waits for events, not requests
+            with Client(path, timeout=TIMEOUT) as client:
+                pid = client.emit(topic="w", vector=[1, 2, 3], outcome={"i": 1})
+            assert read_lines(watcher, 1)[0]["event"]["id"] == pid
+        assert stats.connections_idle == 1  # the first one, idle while the watch went on
+
+
+def test_the_clients_reconnect_after_the_daemon_closed_an_idle_connection() -> None:
+    with serving(FakeAPI(), idle_timeout=0.2) as (path, stats):
+        with Client(path, timeout=TIMEOUT) as client:
+            first = client.status()
+            trio.run(trio.sleep, 0.6)  # closed meanwhile
+            assert client.status() == first
+
+        async def use_async() -> None:
+            async with AsyncClient(path, timeout=TIMEOUT) as aclient:
+                before = await aclient.status()
+                await trio.sleep(0.6)
+                assert await aclient.status() == before
+
+        trio.run(use_async)
+        assert stats.connections_idle == 2
+
+
+def test_a_request_sent_as_the_idle_close_came_goes_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The race the staleness check cannot see: the daemon closes just as the request
+    goes. It was not run (the daemon said why and read nothing after), so the client
+    sends it once more on a new connection."""
+    from qisd.control import async_client as async_module
+    from qisd.control import client as client_module
+
+    api = FakeAPI()
+    with serving(api, idle_timeout=0.2) as (path, _), Client(path, timeout=TIMEOUT) as client:
+        client.status()
+        trio.run(trio.sleep, 0.6)
+        monkeypatch.setattr(client_module._Line, "stale", lambda self: False)
+        assert client.emit(topic="t", vector=[1, 2, 3], outcome={"i": 1})
+
+        async def use_async() -> None:
+            async with AsyncClient(path, timeout=TIMEOUT) as aclient:
+                await aclient.status()
+                await trio.sleep(0.6)
+                monkeypatch.setattr(async_module._AsyncLine, "stale", lambda self: False)
+                assert await aclient.emit(topic="t", vector=[1, 2, 3], outcome={"i": 2})
+
+        trio.run(use_async)
+        assert [c[1]["outcome"] for c in api.calls if c[0] == "emit"] == [{"i": 1}, {"i": 2}]
+
+
 # -- watch -------------------------------------------------------------------------------
 
 

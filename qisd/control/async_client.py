@@ -29,8 +29,10 @@ from qisd.control.calls import (
     check_reply,
     connect_error,
     emit_params,
+    idle_notice,
     json_value,
     merge_results,
+    readable_now,
     resolve_socket_path,
     result_list,
     result_str,
@@ -67,6 +69,11 @@ class _AsyncLine:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+    def stale(self) -> bool:
+        """True once the daemon closed this connection or sent something unasked
+        (its ``idle`` notice) since the last reply: it must not carry a request."""
+        return self._splitter.pending > 0 or readable_now(self.stream.socket)
 
     async def send(self, data: bytes) -> None:
         try:
@@ -130,6 +137,25 @@ class AsyncClient:
             with trio.CancelScope(shield=True):
                 await conn.aclose()
 
+    async def _exchange(self, data: bytes, fresh: bool) -> Reply | None:
+        """Send one request and read its reply; as :meth:`qisd.Client._exchange`, a
+        request the daemon did not run because it closed an idle connection just as
+        it went goes once more on a new connection."""
+        assert self._conn is not None
+        try:
+            await self._conn.send(data)
+            reply = await self._conn.read_reply()
+        except ConnectionError:  # (the send found the connection closed)
+            if fresh:
+                raise
+        else:
+            if fresh or not idle_notice(reply):
+                return reply
+        await self._drop()
+        self._conn = await _AsyncLine.connect(self.socket_path)
+        await self._conn.send(data)
+        return await self._conn.read_reply()
+
     async def call(self, method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Send one request and return its ``result`` map as the daemon sent it."""
         async with self._lock:
@@ -137,10 +163,13 @@ class AsyncClient:
             rid = self._ids
             try:
                 with trio.fail_after(self.timeout):
+                    if self._conn is not None and self._conn.stale():
+                        await self._drop()  # closed while idle: a new one
+                    fresh = self._conn is None
                     if self._conn is None:
                         self._conn = await _AsyncLine.connect(self.socket_path)
-                    await self._conn.send(encode_request(rid, method, params or {}))
-                    reply = await self._conn.read_reply()
+                    reply = await self._exchange(encode_request(rid, method, params or {}),
+                                                 fresh)
                 if reply is None:
                     raise _closed(self.socket_path)
                 if reply.id is None:

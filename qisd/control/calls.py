@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import select
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from numbers import Integral, Real
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qisd.control.errors import ControlError, ControlSocketError, DaemonNotRunning
-from qisd.control.protocol import BAD_REPLY, BAD_REQUEST, Reply, RequestId
+from qisd.control.protocol import BAD_REPLY, BAD_REQUEST, IDLE, Reply, RequestId
 
 __all__ = [
     "MAX_REPLY_BYTES",
@@ -33,9 +34,11 @@ __all__ = [
     "connect_error",
     "emit_item",
     "emit_params",
+    "idle_notice",
     "json_value",
     "merge_results",
     "outcome_map",
+    "readable_now",
     "resolve_socket_path",
     "result_list",
     "result_str",
@@ -315,6 +318,24 @@ def addresses_list(addresses: Any) -> list[str]:
 
 
 # -- replies ------------------------------------------------------------------------
+
+
+def readable_now(sock: Any) -> bool:
+    """True if ``sock`` (anything with ``fileno()``) has something to read at once:
+    between requests that is the daemon closing it (or its ``idle`` notice), never a
+    reply, so the connection must not carry another request."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):  # closed under us
+        return True
+    return bool(readable)
+
+
+def idle_notice(reply: Reply | None) -> bool:
+    """True for the daemon's notice that it closed an idle connection (it ran no
+    request after it): the request can go again on a new connection."""
+    return (reply is not None and reply.id is None and reply.error is not None
+            and reply.error.code == IDLE)
 
 
 def check_reply(reply: Reply, rid: RequestId) -> dict[str, Any]:

@@ -39,8 +39,10 @@ from qisd.control.calls import (
     check_reply,
     connect_error,
     emit_params,
+    idle_notice,
     json_value,
     merge_results,
+    readable_now,
     resolve_socket_path,
     result_list,
     result_str,
@@ -78,6 +80,11 @@ class _Line:
 
     def close(self) -> None:
         self.sock.close()
+
+    def stale(self) -> bool:
+        """True once the daemon closed this connection or sent something unasked
+        (its ``idle`` notice) since the last reply: it must not carry a request."""
+        return self._splitter.pending > 0 or readable_now(self.sock)
 
     def read_reply(self) -> Reply | None:
         """The next reply line, or None when the daemon closed the connection."""
@@ -138,13 +145,15 @@ class Client:
     def call(self, method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Send one request and return its ``result`` map as the daemon sent it."""
         with self._lock:
+            if self._conn is not None and self._conn.stale():
+                self._drop()  # closed while idle (or the daemon restarted): a new one
+            fresh = self._conn is None
             if self._conn is None:
                 self._conn = _Line(self.socket_path, self.timeout)
-            conn = self._conn
             rid = self._next_id()
+            data = encode_request(rid, method, params or {})
             try:
-                conn.sock.sendall(encode_request(rid, method, params or {}))
-                reply = conn.read_reply()
+                reply = self._exchange(data, fresh)
                 if reply is None:
                     raise _closed(self.socket_path)
                 if reply.id is None:  # a connection-level error: the daemon closes
@@ -165,6 +174,27 @@ class Client:
             except OSError:
                 self._drop()
                 raise
+
+    def _exchange(self, data: bytes, fresh: bool) -> Reply | None:
+        """Send one request and read its reply. On a connection that was idle
+        (``fresh`` False), a daemon that closed it just as the request went (the send
+        fails, or its ``idle`` notice comes back) did not run it: it goes once more
+        on a new connection."""
+        assert self._conn is not None
+        try:
+            self._conn.sock.sendall(data)
+            reply = self._conn.read_reply()
+        except (BrokenPipeError, ConnectionResetError):
+            if fresh:
+                raise
+            reply = None
+        else:
+            if fresh or not idle_notice(reply):
+                return reply
+        self._drop()
+        self._conn = _Line(self.socket_path, self.timeout)
+        self._conn.sock.sendall(data)
+        return self._conn.read_reply()
 
     # -- the methods -------------------------------------------------------------------
 

@@ -32,6 +32,8 @@ read as the stop began is answered ``unavailable``. Error codes:
 ``storage_read_only`` the packet store's directory is read-only (same behaviour)
 ``storage_error``     the packet store's disk failed (an I/O error)
 ``forbidden``         the peer's uid/gid may not use this socket; the server closes
+``idle``              no request came for ``[control] idle_timeout`` seconds (60);
+                      the server closes (with ``"id": null``; no request was run)
 ``internal``          a bug in the daemon; the connection stays usable
 ===================== ==========================================================
 
@@ -93,6 +95,7 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
     "ERROR_CODES",
     "FORBIDDEN",
+    "IDLE",
     "INTERNAL",
     "INVALID",
     "METHODS",
@@ -126,10 +129,11 @@ TOO_LARGE = "too_large"
 INVALID = "invalid"
 UNAVAILABLE = "unavailable"
 FORBIDDEN = "forbidden"
+IDLE = "idle"
 INTERNAL = "internal"
 ERROR_CODES = frozenset(
     {BAD_REQUEST, UNKNOWN_METHOD, UNSUPPORTED_VERSION, TOO_LARGE, INVALID, UNAVAILABLE,
-     FORBIDDEN, INTERNAL, *STORAGE_CODES}
+     FORBIDDEN, IDLE, INTERNAL, *STORAGE_CODES}
 )
 #: Client-side only: the daemon's reply did not follow this protocol.
 BAD_REPLY = "bad_reply"

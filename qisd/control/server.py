@@ -9,6 +9,8 @@ What keeps one client from hurting the others:
 * every write has a deadline (``write_timeout``): a client that stops reading its
   replies or its watch events is disconnected instead of stalling the daemon;
 * at most ``max_connections`` at once; the next one gets ``unavailable`` and is closed;
+* a connection with no request for ``idle_timeout`` seconds gets ``idle`` and is
+  closed (a watch is not idle), so idle clients cannot hold the slots for good;
 * the peer's uid/gid (``SO_PEERCRED``) must be root, ours, or in our group.
 
 On shutdown a :class:`~qisd.control.drain.Drain` stops it taking work while the
@@ -37,6 +39,7 @@ from qisd.control.framing import LineSplitter, Overflow
 from qisd.control.protocol import (
     DEFAULT_MAX_REQUEST_BYTES,
     FORBIDDEN,
+    IDLE,
     INTERNAL,
     STREAMING_METHODS,
     TOO_LARGE,
@@ -66,6 +69,7 @@ log = get_logger(__name__)
 
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_WRITE_TIMEOUT = 10.0
+DEFAULT_IDLE_TIMEOUT = 60.0
 #: Refused connections read out before closing (so the client gets its reply) at once.
 _MAX_LINGERING = 16
 # Resource exhaustion on accept: wait a little and retry rather than die.
@@ -80,6 +84,7 @@ async def serve_control(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     stats: ControlStats | None = None,
     drain: Drain | None = None,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
@@ -98,7 +103,7 @@ async def serve_control(
     server = _Server(
         api, stats if stats is not None else ControlStats(),
         max_request_bytes=max_request_bytes, max_connections=max_connections,
-        write_timeout=write_timeout, drain=drain or Drain(),
+        write_timeout=write_timeout, idle_timeout=idle_timeout, drain=drain or Drain(),
     )
     async with trio.open_nursery() as nursery:
         try:
@@ -121,6 +126,7 @@ class _Server:
         max_request_bytes: int,
         max_connections: int,
         write_timeout: float,
+        idle_timeout: float,
         drain: Drain,
     ) -> None:
         self.api = api
@@ -129,6 +135,7 @@ class _Server:
         self.max_request_bytes = max_request_bytes
         self.max_connections = max_connections
         self.write_timeout = write_timeout
+        self.idle_timeout = idle_timeout
         self._lingering = 0
         self.watches = Watches(api, stats, self._too_large)
         self.uid = os.geteuid()
@@ -205,7 +212,17 @@ class _Server:
 
     async def _serve(self, conn: Connection, slot: Slot) -> None:
         splitter = LineSplitter(self.max_request_bytes)
-        while (item := await conn.next_line(splitter)) is not None:
+        while True:
+            with trio.move_on_after(self.idle_timeout) as idle:
+                item = await conn.next_line(splitter)
+            if idle.cancelled_caught:
+                self.stats.connections_idle += 1
+                await conn.send(encode_error(
+                    None, IDLE, f"no request for {self.idle_timeout:g} s; connection closed"
+                ))
+                return
+            if item is None:
+                return
             if item is Overflow.TOO_LONG:
                 reply = self._too_large()
             else:

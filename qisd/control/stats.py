@@ -29,6 +29,8 @@ class ControlStatistics:
     connections_forbidden: int
     #: Connections closed by an unexpected error in their handling (a bug; logged).
     connections_failed: int
+    #: Connections closed after ``idle_timeout`` seconds without a request.
+    connections_idle: int = 0
 
 
 @dataclass
@@ -41,6 +43,7 @@ class ControlStats:
     connections_refused: int = 0
     connections_forbidden: int = 0
     connections_failed: int = 0
+    connections_idle: int = 0
 
     def record(self, method: str, result: str) -> None:
         self.requests[(method, result)] += 1
@@ -53,4 +56,5 @@ class ControlStats:
             connections_refused=self.connections_refused,
             connections_forbidden=self.connections_forbidden,
             connections_failed=self.connections_failed,
+            connections_idle=self.connections_idle,
         )

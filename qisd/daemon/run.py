@@ -153,6 +153,7 @@ async def _serve(
                 await serve_control(
                     socket_path, service, mode=config.control.mode,
                     max_request_bytes=config.control.max_request_bytes,
+                    idle_timeout=config.control.idle_timeout,
                     stats=service.control_stats, drain=drain, task_status=task_status,
                 )
 
