@@ -454,6 +454,12 @@ def load_manifest(path: str | Path) -> Manifest:
         table = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ManifestError(f"{path}: not valid TOML ({exc})") from None
+    if not table:
+        # All defaults would be the default swarm: a file cut short (a closed swarm's
+        # manifest emptied in a copy) must not join it quietly; the default swarm
+        # needs no file at all.
+        raise ManifestError(f"{path}: empty manifest; write one with `qisd manifest new`,"
+                            " or give no manifest to join the default swarm")
     return Manifest.from_mapping(table, source=str(path))
 
 

@@ -186,6 +186,16 @@ def test_toml_file_with_defaults_and_overrides(tmp_path: Path) -> None:
     assert m == Manifest(name="lab", bits=6, topics={"demo": TopicParams(2, 3)})
 
 
+@pytest.mark.parametrize("text", ["", "\n# nothing here\n"], ids=["empty", "comments"])
+def test_an_empty_manifest_file_is_refused_not_the_default_swarm(
+    tmp_path: Path, text: str
+) -> None:
+    path = tmp_path / "swarm.toml"
+    path.write_text(text)
+    with pytest.raises(ManifestError, match=r"swarm\.toml: empty manifest"):
+        load_manifest(path)
+
+
 names = st.text(st.characters(codec="utf-8", categories=["L", "N", "P"]), min_size=1, max_size=20)
 topic_params = st.builds(TopicParams, tables=st.integers(1, 32), bits=st.integers(1, 24))
 manifests = st.builds(

@@ -27,6 +27,7 @@ from qisd.daemon.errors import EXIT_CONFIG, StartupError
 from qisd.daemon.lock import StateDirLock
 from qisd.daemon.notify import Notifier
 from qisd.daemon.service import NodeService
+from qisd.daemon.swarmfile import note_swarm
 from qisd.daemon.synth import run_synthesis
 from qisd.daemon.watch import WatchHub
 from qisd.dht import DHTNode, open_node
@@ -99,6 +100,15 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
     with StateDirLock(state_dir):
         identity = Identity.load_or_create(state_dir / KEY_FILE_NAME)
         check_membership(manifest, identity, config.node.manifest)
+        before = note_swarm(state_dir, manifest)
+        if before is not None:
+            log.warning(
+                "state dir was used in another swarm; its packets there are not this"
+                " swarm's (its nodes refuse them, queries do not match them) and expire"
+                " with their ttl", state_dir=str(state_dir), was_swarm=before["swarm"][:16],
+                was_name=before["name"], swarm=manifest.swarm_id.hex()[:16],
+                name=manifest.name,
+            )
         store = PacketStore.open(
             state_dir / STORE_FILE_NAME,
             max_packets=config.store.max_packets,
