@@ -72,6 +72,8 @@ def parse_hostport(text: str) -> tuple[str, int]:
     ValueError saying what is wrong."""
     if not isinstance(text, str):
         raise ValueError(f"expected a 'host:port' string, got {type(text).__name__}")
+    if "://" in text:
+        raise ValueError("give host:port, not a URL (e.g. 127.0.0.1:9470)")
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket:
@@ -93,7 +95,7 @@ def parse_hostport(text: str) -> tuple[str, int]:
     if not port_text:
         raise ValueError("missing port")
     if not (port_text.isascii() and port_text.isdigit()):
-        raise ValueError(f"port {port_text!r} is not a number")
+        raise ValueError(f"port {port_text!r} is not a number from 0 to 65535")
     port = int(port_text)
     if port > 65535:
         raise ValueError(f"port {port} is above 65535")

@@ -57,15 +57,21 @@ class Identity:
             st = path.stat()
         except FileNotFoundError:
             raise IdentityError(f"{path}: key file does not exist") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise IdentityError(f"{path}: not a regular file (a key file is expected here)")
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise IdentityError(
                 f"{path}: key file is accessible by group or others "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
             )
         try:
-            text = path.read_text(encoding="ascii").split()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise IdentityError(f"{path}: cannot read key file ({exc})") from None
+            text = path.read_bytes()[:4096].decode("ascii").split()
+        except UnicodeDecodeError:
+            raise IdentityError(
+                f"{path}: not a qisd key file (not text; expected '{_HEADER} <hex>')"
+            ) from None
+        except OSError as exc:
+            raise IdentityError(f"{path}: cannot read key file ({exc.strerror or exc})") from None
         if len(text) != 2 or text[0] != _HEADER:
             raise IdentityError(f"{path}: not a qisd key file (expected '{_HEADER} <hex>')")
         try:

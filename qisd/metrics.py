@@ -240,7 +240,10 @@ async def _answer(
             await _reply(stream, 431, b"request head too large\n")
             return
     line = head.split(b"\n", 1)[0].decode("latin-1").strip().split()
-    if len(line) < 2 or line[0] not in ("GET", "HEAD"):
+    if len(line) != 3 or not line[2].startswith("HTTP/") or not line[1].startswith("/"):
+        await _reply(stream, 400, b"not an HTTP request line; GET /metrics\n")
+        return
+    if line[0] not in ("GET", "HEAD"):
         await _reply(stream, 405, b"only GET /metrics\n")
         return
     path = line[1].split("?", 1)[0]
@@ -265,7 +268,8 @@ async def _answer(
 async def _reply(stream: trio.SocketStream, status: int, body: bytes, *,
                  content_type: str = "text/plain; charset=utf-8",
                  length: int | None = None) -> None:
-    reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Too Large",
+    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+              431: "Too Large",
               500: "Internal Server Error"}[status]
     head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body) if length is None else length}\r\n"

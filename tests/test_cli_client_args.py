@@ -30,9 +30,11 @@ NOWHERE = "/nonexistent/qisd.sock"  # never connected to: the checks come first
     ({1: 2, "1": 3}, r"outcome keys must be strings, got 1 \(int\)"),
     ({"a": float("nan")}, r"outcome\.a must be a finite number, got nan"),
     ({"a": np.float32("inf")}, r"outcome\.a must be a finite number, got inf"),
-    ({"a": {"b": [1, float("-inf")]}}, r"outcome\.a\.b\[1\] must be a finite number"),
-    ({"a": b"x"}, r"outcome\.a must be a string, number, boolean, None, list or map,"
-                  r" got bytes"),
+    ({"a": {"b": [1, float("-inf")]}}, r"outcome\.a must be a string, number or boolean"
+                                       r" \(what a packet carries\), got dict"),
+    ({"a": b"x"}, r"outcome\.a must be a string, number or boolean .* got bytes"),
+    ({"a": None}, r"outcome\.a must be a string, number or boolean .* got None"),
+    ({"a": [1]}, r"outcome\.a must be a string, number or boolean .* got list"),
     ({"a": {2}}, r"outcome\.a must be .* got set"),
     ({"a": "\udcff"}, r"outcome\.a is not valid text"),
     ([("a", 1)], r"outcome must be a map of name -> value, got list"),
@@ -57,12 +59,12 @@ def test_numpy_scalars_are_sent_as_python_values() -> None:
     with serving(api) as (path, _), Client(path, timeout=TIMEOUT) as client:
         client.emit(topic="t", vector=np.ones(3, dtype=np.float32),
                     outcome={"age": np.int64(42), "score": np.float32(0.5),
-                             "ok": np.bool_(True), "tags": np.array([1, 2])},
+                             "ok": np.bool_(True)},
                     n=np.int64(3), ttl=np.int32(60))
         client.query(topic="t", vector=[1, 2, 3], k=np.int64(2))
     emitted = api.calls[0][1]
     assert emitted == {"topic": "t", "vector": [1.0, 1.0, 1.0],
-                       "outcome": {"age": 42, "score": 0.5, "ok": True, "tags": [1, 2]},
+                       "outcome": {"age": 42, "score": 0.5, "ok": True},
                        "n": 3, "ttl": 60}
     assert type(emitted["outcome"]["ok"]) is bool and type(emitted["n"]) is int
     assert api.calls[1] == ("query", {"topic": "t", "vector": [1.0, 2.0, 3.0], "k": 2})

@@ -45,16 +45,25 @@ def test_group_or_world_readable_key_is_refused(tmp_path: Path, mode: int) -> No
         ("garbage", "not a qisd key file"),
         ("qisd-ed25519-seed-v1 zz", "not hex"),
         ("qisd-ed25519-seed-v1 abcd", "32 bytes"),
+        (b"\xd3\x00\xff binary", "not a qisd key file"),
     ],
 )
-def test_corrupt_key_file_names_the_problem(tmp_path: Path, content: str, message: str) -> None:
+def test_corrupt_key_file_names_the_problem(tmp_path: Path, content: str | bytes,
+                                            message: str) -> None:
     path = tmp_path / "identity.key"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    os.write(fd, content.encode())
+    os.write(fd, content if isinstance(content, bytes) else content.encode())
     os.close(fd)
     with pytest.raises(IdentityError, match=message) as info:
         Identity.load(path)
     assert str(path) in str(info.value)
+
+
+def test_a_directory_where_the_key_file_should_be_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "identity.key"
+    path.mkdir(mode=0o755)
+    with pytest.raises(IdentityError, match="not a regular file"):
+        Identity.load(path)
 
 
 def test_same_key_in_another_process(tmp_path: Path) -> None:

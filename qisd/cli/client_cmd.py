@@ -285,7 +285,8 @@ def bootstrap(
     # Peers already in the table answer the join's lookup too: what counts is whether
     # any address given here answered.
     if result.get("contacted") == 0 or all(a in reasons for a in checked):
-        tried = ", ".join(f"{a} ({reasons[a]})" if a in reasons else a for a in checked)
+        tried = ", ".join(f"{a} ({reasons[a]})" if a in reasons else a
+                          for a in dict.fromkeys(checked))  # each address once
         fail = Failure("unreachable", f"joined no swarm through: {tried}")
         if not as_json:
             echo(render.key_values(_without_failed(result)))

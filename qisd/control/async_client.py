@@ -37,6 +37,7 @@ from qisd.control.calls import (
     result_list,
     result_str,
     split_items,
+    topic_text,
 )
 from qisd.control.errors import ControlError
 from qisd.control.framing import LineSplitter, Overflow
@@ -218,7 +219,7 @@ class AsyncClient:
         return merge_results(slots, result_list(result, "results"))
 
     async def query(self, *, topic: str, vector: Any, k: int = 10) -> dict[str, Any]:
-        return await self.call("query", {"topic": json_value(topic, "topic"),
+        return await self.call("query", {"topic": topic_text(topic),
                                          "vector": as_vector(vector), "k": json_value(k, "k")})
 
     async def packets(
@@ -226,7 +227,7 @@ class AsyncClient:
     ) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": json_value(limit, "limit")}
         if topic is not None:
-            params["topic"] = json_value(topic, "topic")
+            params["topic"] = topic_text(topic)
         return result_list(await self.call("packets", params), "packets")
 
     async def bootstrap(self, addresses: str | Sequence[str]) -> dict[str, Any]:
@@ -235,7 +236,7 @@ class AsyncClient:
     def watch(self, *, topic: str, vector: Any = None) -> AsyncWatch:
         """``async with client.watch(topic=...) as events: async for event in events``;
         entering returns once the daemon has acknowledged the watch."""
-        params: dict[str, Any] = {"topic": json_value(topic, "topic")}
+        params: dict[str, Any] = {"topic": topic_text(topic)}
         if vector is not None:
             params["vector"] = as_vector(vector)
         return AsyncWatch(self.socket_path, params, timeout=self.timeout)

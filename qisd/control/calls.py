@@ -43,6 +43,7 @@ __all__ = [
     "result_list",
     "result_str",
     "split_items",
+    "topic_text",
 ]
 
 #: The environment variable naming the control socket (as ``--socket`` does).
@@ -187,11 +188,25 @@ def json_value(value: Any, name: str) -> Any:
 
 
 def outcome_map(outcome: Any, name: str = "outcome") -> dict[str, Any]:
-    """An outcome map made JSON-ready (see :func:`json_value`)."""
+    """An outcome map made JSON-ready (see :func:`json_value`): each value a
+    string, number or boolean, as a packet carries."""
     if not isinstance(outcome, Mapping):
         raise ValueError(f"{name} must be a map of name -> value, got {_type_name(outcome)}")
+    for key, value in outcome.items():
+        if hasattr(value, "tolist") and not isinstance(value, str | bytes):
+            value = value.tolist()  # a numpy scalar
+        if value is None or not isinstance(value, str | bool | Real):
+            raise ValueError(f"{name}.{key} must be a string, number or boolean (what a"
+                             f" packet carries), got {_type_name(value)}")
     checked: dict[str, Any] = json_value(outcome, name)
     return checked
+
+
+def topic_text(topic: Any) -> str:
+    """``topic`` as sent: a string (the daemon checks the rest of the rules)."""
+    if not isinstance(topic, str):
+        raise ValueError(f"topic must be a string, got {_type_name(topic)}")
+    return str(json_value(topic, "topic"))
 
 
 def as_vector(vector: Any, name: str = "vector") -> list[float]:
@@ -220,7 +235,7 @@ def emit_params(
 ) -> dict[str, Any]:
     """``emit``'s params, JSON-ready; raises ValueError naming a bad argument."""
     params: dict[str, Any] = {
-        "topic": json_value(topic, "topic"), "vector": as_vector(vector),
+        "topic": topic_text(topic), "vector": as_vector(vector),
         "outcome": outcome_map(outcome), "n": json_value(n, "n"),
     }
     if ttl is not None:

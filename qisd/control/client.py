@@ -47,6 +47,7 @@ from qisd.control.calls import (
     result_list,
     result_str,
     split_items,
+    topic_text,
 )
 from qisd.control.errors import ControlError, DaemonNotRunning
 from qisd.control.framing import LineSplitter, Overflow
@@ -238,14 +239,14 @@ class Client:
     def query(self, *, topic: str, vector: Any, k: int = 10) -> dict[str, Any]:
         """``{"matches": [{"id", "similarity", "outcome", "n", "origin", "kind"}, ...],
         "answer": {...}}``: the ``k`` most similar packets and the answer they give."""
-        return self.call("query", {"topic": json_value(topic, "topic"),
+        return self.call("query", {"topic": topic_text(topic),
                                    "vector": as_vector(vector), "k": json_value(k, "k")})
 
     def packets(self, *, topic: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Packets held by this node (summaries), newest first."""
         params: dict[str, Any] = {"limit": json_value(limit, "limit")}
         if topic is not None:
-            params["topic"] = json_value(topic, "topic")
+            params["topic"] = topic_text(topic)
         return result_list(self.call("packets", params), "packets")
 
     def bootstrap(self, addresses: str | Sequence[str]) -> dict[str, Any]:
@@ -262,7 +263,7 @@ class Client:
                 for event in events:
                     print(event["id"], event["outcome"])
         """
-        params: dict[str, Any] = {"topic": json_value(topic, "topic")}
+        params: dict[str, Any] = {"topic": topic_text(topic)}
         if vector is not None:
             params["vector"] = as_vector(vector)
         return Watch(self.socket_path, params, timeout=self.timeout)

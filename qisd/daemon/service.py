@@ -28,7 +28,7 @@ from qisd.daemon.watch import Subscription, WatchHub
 from qisd.dht import DHTNode
 from qisd.fingerprint import LSH, keys_for, probe_keys
 from qisd.identity import Identity
-from qisd.manifest import Manifest, ManifestError
+from qisd.manifest import Manifest, ManifestError, check_topic
 from qisd.packet import OutcomePacket, PacketError, create_packet
 from qisd.sketch import FingerprintError, Sketch, cosine, normalize, quantize
 from qisd.store import PacketStore, StoreError
@@ -341,6 +341,11 @@ class NodeService:
     async def packets(self, topic: str | None = None, limit: int = 100) -> dict[str, Any]:
         if type(limit) is not int or not 1 <= limit <= MAX_LIMIT:
             raise ControlError("invalid", f"limit: must be an integer in 1..{MAX_LIMIT}")
+        if topic is not None:
+            try:
+                check_topic(topic)  # as emit, query and watch: no such topic can exist
+            except ManifestError as exc:
+                raise ControlError("invalid", str(exc)) from None
         found = await trio.to_thread.run_sync(
             lambda: self.store.recent(topic=topic, limit=limit, now_ms=now_ms())
         )

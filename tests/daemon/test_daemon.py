@@ -254,6 +254,9 @@ def test_bad_input_is_named(workdir: Path, daemons: list[Daemon]) -> None:
     proc = cli("query", "--topic", "t", "--vector", "not-a-list", socket_path=d.socket,
                check=False)
     assert proc.returncode != 0 and "vector" in proc.stderr
+    for topic in ("a\tb", "x" * 65, ""):  # as emit and query would: no such topic exists
+        proc = cli("packets", "--topic", topic, socket_path=d.socket, check=False)
+        assert proc.returncode == 1 and "topic" in proc.stderr, proc.stderr
     assert os.path.exists(d.socket)
     assert cli_json("status", socket_path=d.socket)["packets"] == 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -80,3 +81,10 @@ def test_unknown_path_is_404(workdir: Path, daemons: list[Daemon]) -> None:
         urllib.request.urlopen(base + "/nope", timeout=10)
     assert info.value.code == 404
     info.value.close()
+    # A request that is not HTTP is told so (400); another method, 405.
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    for request, status in ((b"hello there\r\n\r\n", b"400"), (b"\r\n\r\n", b"400"),
+                            (b"POST /metrics HTTP/1.1\r\n\r\n", b"405")):
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(request)
+            assert conn.recv(64).split()[1] == status, request
