@@ -323,8 +323,19 @@ def load_config(
         merged = {key: values.get(key, _default(key)) for key in KEYS}
         problems += cross_problems(merged, lambda k: str(sources[k]) if k in sources else None)
     if problems:
-        raise ConfigError(problems)
+        error = ConfigError(problems)
+        # What was valid, the rest at defaults: `qisd config check` finds the
+        # problems only a running daemon would meet in it too.
+        try:
+            error.partial = _assemble(values, sources, file, env)
+        except (ValueError, TypeError):
+            pass
+        raise error
+    return _assemble(values, sources, file, env)
 
+
+def _assemble(values: Mapping[str, Any], sources: dict[str, Source], file: Path | None,
+              env: Mapping[str, str]) -> Config:
     sections = {
         cls.section: cls(
             **{

@@ -42,6 +42,8 @@ class ConfigError(ValueError):
         self.problems: tuple[str, ...] = (
             (problems,) if isinstance(problems, str) else tuple(problems)
         )
+        #: The config of the valid values (the rest at defaults), when one was built.
+        self.partial: Any = None
         super().__init__("\n".join(self.problems))
 
 

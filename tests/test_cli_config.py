@@ -173,3 +173,17 @@ def test_python_dash_m_qisd_config_check(tmp_path: Path) -> None:
     bad = _run("config", "check", str(path))
     assert bad.returncode == 1
     assert f"error: {path}: unknown key node.lisen" in bad.stderr
+
+
+def test_check_names_every_problem_those_of_values_and_of_the_running_daemon(
+    tmp_path: Path,
+) -> None:
+    """A bad value does not hide what only a start would meet (a missing synthesizer)."""
+    path = tmp_path / "qisd.toml"
+    path.write_text('[dht]\nksize = 0\n[synthesis]\nsynthesizer = "nosuch"\n', encoding="utf-8")
+    result = runner.invoke(app, ["config", "check", str(path)])
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2
+    assert "dht.ksize: expected an integer from 1 to 64, got 0" in lines[0]
+    assert "synthesis.synthesizer: no 'nosuch'" in lines[1]

@@ -65,7 +65,11 @@ def check(
     file: Annotated[Path | None, typer.Argument(help=_FILE_HELP, show_default=False)] = None,
 ) -> None:
     """Validate a config file and the QISD_* environment; exit 1 naming every problem."""
-    config = _load(file)
+    try:
+        config = load_config(file, env=os.environ)
+    except ConfigError as exc:
+        later = runtime_problems(exc.partial) if exc.partial is not None else []
+        _fail((*exc.problems, *later))
     problems = runtime_problems(config)
     if problems:
         _fail(tuple(problems))
