@@ -291,7 +291,10 @@ class CohortSynthesizer:
                 or unit.size != cohort.centroid.size):
             return None
         group = self._groups[(cohort.topic, unit.size)]
-        self._grow(group, group.cohorts.index(cohort), unit)
+        i = group.cohorts.index(cohort)
+        if group.full[i]:
+            return None  # full (max_members): it takes no more, listed or not
+        self._grow(group, i, unit)
         return cohort
 
     def _grow(self, group: _Group, i: int, unit: FloatArray) -> None:

@@ -380,3 +380,11 @@ def test_resume_takes_the_newest_syntheses_within_the_cohort_caps() -> None:
     per_topic = CohortSynthesizer(settings(options={"max_cohorts_per_topic": 3}))
     assert per_topic.resume(olds) == 3
     assert per_topic.statistics()["evicted"] == 0
+
+
+def test_listed_parents_do_not_overfill_a_resumed_cohort() -> None:
+    cases = cluster(1, 6)
+    _, after = resumed_from(cases, after_kw={"options": {"max_members": 4}})
+    for p in cases:
+        after.consume(p)
+    assert sorted(len(c.members) for c in after.cohorts()) == [2, 4]
