@@ -19,8 +19,9 @@ No case is counted twice:
   synthesis's similarity.
 * A synthesis of more packets than it can list names its parents by one digest,
   which no subset can be checked against. Its members are presumed to be the
-  observations found that are not newer than it and at least
-  :data:`PRESUMED_SIMILARITY` alike to its centroid (a cohort's members are within
+  observations found that were created before it (give or take
+  :data:`CLOCK_SKEW_MS`: their origins' clocks are not the synthesising node's) and
+  are at least :data:`PRESUMED_SIMILARITY` alike to its centroid (a cohort's members are within
   the synthesizer's similarity of its centroid, 0.9 by default), the most similar
   first and never more than the packets it says it summarises; those are left out
   (``support.presumed_covered``). A presumption can be wrong at a cohort's edge (a
@@ -60,6 +61,9 @@ def match_summary(similarity: float, packet: OutcomePacket) -> dict[str, Any]:
 #: one of its members (a little under the default cohort similarity, 0.9: a centroid
 #: drifts after a member joins, and sketches are quantized).
 PRESUMED_SIMILARITY = 0.85
+#: How far an origin's clock may run ahead of a synthesising node's for a member to
+#: be recognised (NTP keeps hosts within a fraction of it).
+CLOCK_SKEW_MS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +191,7 @@ def _presumed_members(
     for syn in syntheses:
         if syn.explicit:
             continue
-        made = syn.packet.created_ms
+        made = syn.packet.created_ms + CLOCK_SKEW_MS
         near = sorted(
             ((cosine(p.sketch, syn.packet.sketch), p.id) for _, p in observations
              if p.id not in claimed and p.id not in presumed and p.created_ms <= made),

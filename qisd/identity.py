@@ -21,6 +21,10 @@ KEY_FILE_NAME = "identity.key"
 _HEADER = "qisd-ed25519-seed-v1"
 
 
+#: A key file is one short line; anything longer is something else.
+_MAX_KEY_FILE = 4096
+
+
 class IdentityError(Exception):
     """The key file cannot be used; the message names the file and the problem."""
 
@@ -65,7 +69,11 @@ class Identity:
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
             )
         try:
-            text = path.read_bytes()[:4096].decode("ascii").split()
+            with path.open("rb") as fh:
+                raw = fh.read(_MAX_KEY_FILE + 1)
+            if len(raw) > _MAX_KEY_FILE:
+                raise IdentityError(f"{path}: not a qisd key file (over {_MAX_KEY_FILE} bytes)")
+            text = raw.decode("ascii").split()
         except UnicodeDecodeError:
             raise IdentityError(
                 f"{path}: not a qisd key file (not text; expected '{_HEADER} <hex>')"

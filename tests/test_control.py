@@ -653,6 +653,67 @@ def test_a_request_sent_as_the_idle_close_came_goes_again(
         assert [c[1]["outcome"] for c in api.calls if c[0] == "emit"] == [{"i": 1}, {"i": 2}]
 
 
+@contextmanager
+def closing_as_the_request_comes() -> Iterator[tuple[Path, list[int]]]:
+    """A stand-in daemon whose first connection answers one request, then meets the
+    next with its idle notice and closes (the race: the request was sent just as the
+    daemon gave up on the connection); later connections answer everything. Yields
+    the socket path and the ids of the requests it ran."""
+    ran: list[int] = []
+    with short_dir() as tmp:
+        path = tmp / "race.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(os.fspath(path))
+        listener.listen()
+
+        def answer(conn: socket.socket, lines: int | None) -> None:
+            with conn, conn.makefile("rb") as reader:
+                for served, line in enumerate(reader):
+                    rid = json.loads(line)["id"]
+                    if lines is not None and served == lines:
+                        conn.sendall(b'{"v": 1, "id": null, "ok": false, "error": '
+                                     b'{"code": "idle", "message": "idle"}}\n')
+                        return
+                    ran.append(rid)
+                    conn.sendall(json.dumps({"v": 1, "id": rid, "ok": True,
+                                             "result": {"ran": rid}}).encode() + b"\n")
+
+        def serve() -> None:
+            first = True
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                threading.Thread(target=answer, args=(conn, 1 if first else None),
+                                 daemon=True).start()
+                first = False
+
+        threading.Thread(target=serve, daemon=True).start()
+        try:
+            yield path, ran
+        finally:
+            listener.close()
+
+
+def test_a_request_met_by_the_idle_notice_goes_again_once() -> None:
+    with closing_as_the_request_comes() as (path, ran):
+        with Client(path, timeout=TIMEOUT) as client:
+            assert client.call("status") == {"ran": 1}
+            assert client.call("status") == {"ran": 2}  # sent again, on a new connection
+            assert client.call("status") == {"ran": 3}
+        assert ran == [1, 2, 3]
+
+    async def use_async() -> None:
+        with closing_as_the_request_comes() as (apath, aran):
+            async with AsyncClient(apath, timeout=TIMEOUT) as aclient:
+                assert await aclient.call("status") == {"ran": 1}
+                assert await aclient.call("status") == {"ran": 2}
+            assert aran == [1, 2]
+
+    trio.run(use_async)
+
+
 # -- watch -------------------------------------------------------------------------------
 
 

@@ -339,11 +339,12 @@ def readable_now(sock: Any) -> bool:
     """True if ``sock`` (anything with ``fileno()``) has something to read at once:
     between requests that is the daemon closing it (or its ``idle`` notice), never a
     reply, so the connection must not carry another request."""
+    poller = select.poll()  # (select() cannot take descriptors from 1024 up)
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):  # closed under us
         return True
-    return bool(readable)
 
 
 def idle_notice(reply: Reply | None) -> bool:

@@ -5,10 +5,12 @@ deterministic, so two emits of the same case (same topic, vector, outcome, n, tt
 within one millisecond would be byte for byte the same packet: the second would be
 stored as a duplicate of the first and one case would silently vanish (a batch of
 identical lines does exactly that). :class:`CreationClock` gives each emit the wall
-clock's millisecond, except that content already emitted at that millisecond (or
-later, after earlier bumps) gets the millisecond after its last one. Only identical
-content is moved, by one millisecond per copy, so distinct packets keep the real
-time and the clock never runs ahead for them.
+clock's millisecond, and content already given this millisecond the next one, which
+the emit waits for (:meth:`CreationClock.wait_s`): a packet is never stamped later
+than it was made, so identical cases go at most one per millisecond, a stamp never
+runs ahead of the clock (peers refuse packets from the future, and a synthesis
+counts the cases created before it), and after a restart the clock is already past
+every stamp given before it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-#: Entries kept before those that can no longer collide (last use in the past) go.
-PRUNE_AT = 4096
+#: Entries kept before those that can no longer collide (given before now) go.
+PRUNE_AT = 1024
+#: A stamp this far ahead of the clock means the clock stepped back: forgotten,
+#: not waited for.
+STEPPED_BACK_MS = 1000
 
 
 def wall_ms() -> int:
@@ -32,15 +37,21 @@ class CreationClock:
 
     def created_ms(self, content: bytes) -> int:
         """The ``created_ms`` for a packet whose content (all but its time) is
-        ``content``: now, or one past the last one given to the same content."""
+        ``content``: now, or the millisecond after the last one given to the same
+        content (wait for it with :meth:`wait_s` before signing)."""
         now = self._clock()
         if len(self._last) >= PRUNE_AT:
-            # Content last given a time before now gets now or later: no collision.
-            self._last = {k: ms for k, ms in self._last.items() if ms >= now}
+            self._last = {k: ms for k, ms in self._last.items()
+                          if now <= ms <= now + STEPPED_BACK_MS}
         last = self._last.get(content)
-        created = now if last is None or last < now else last + 1
+        stale = last is None or not now <= last <= now + STEPPED_BACK_MS
+        created = now if stale or last is None else last + 1
         self._last[content] = created
         return created
+
+    def wait_s(self, created_ms: int) -> float:
+        """Seconds until the clock reaches ``created_ms`` (0 once it has)."""
+        return max(0.0, (created_ms - self._clock()) / 1000)
 
     def __len__(self) -> int:
         return len(self._last)

@@ -100,15 +100,6 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
     with StateDirLock(state_dir):
         identity = Identity.load_or_create(state_dir / KEY_FILE_NAME)
         check_membership(manifest, identity, config.node.manifest)
-        before = note_swarm(state_dir, manifest)
-        if before is not None:
-            log.warning(
-                "state dir was used in another swarm; its packets there are not this"
-                " swarm's (its nodes refuse them, queries do not match them) and expire"
-                " with their ttl", state_dir=str(state_dir), was_swarm=before["swarm"][:16],
-                was_name=before["name"], swarm=manifest.swarm_id.hex()[:16],
-                name=manifest.name,
-            )
         store = PacketStore.open(
             state_dir / STORE_FILE_NAME,
             max_packets=config.store.max_packets,
@@ -186,6 +177,7 @@ async def _serve(
             service.joined.set()
         if notifier.watchdog_interval:
             nursery.start_soon(_watchdog, notifier, notifier.watchdog_interval)
+        _note_swarm(state_dir, manifest)  # once started: a failed start records nothing
         _log_ready(config, service, node)
         notifier.ready(f"serving {len(node.table)} peers")
         await _wait_for_signal()
@@ -199,6 +191,17 @@ async def _serve(
             await service.wait_idle()
         control_scope.cancel()
         nursery.cancel_scope.cancel()
+
+
+def _note_swarm(state_dir: Path, manifest: Manifest) -> None:
+    before = note_swarm(state_dir, manifest)
+    if before is not None:
+        log.warning(
+            "state dir was used in another swarm; its packets there are not this"
+            " swarm's (its nodes refuse them, queries do not match them) and expire"
+            " with their ttl", state_dir=str(state_dir), was_swarm=before["swarm"][:16],
+            was_name=before["name"], swarm=manifest.swarm_id.hex()[:16], name=manifest.name,
+        )
 
 
 async def _wait_for_signal() -> None:

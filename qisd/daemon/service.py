@@ -186,7 +186,7 @@ class NodeService:
 
     # -- emit ----------------------------------------------------------------------
 
-    def _packet(
+    async def _packet(
         self, topic: Any, vector: Any, outcome: Any, n: Any, ttl: Any
     ) -> tuple[OutcomePacket, list[bytes]]:
         if not isinstance(topic, str):
@@ -206,7 +206,13 @@ class NodeService:
             )
         try:
             sketch = quantize(normalize(vector))
-            content = _content_key(topic, sketch, outcome, n, ttl_s)
+        except FingerprintError as exc:
+            raise ControlError("invalid", str(exc)) from None
+        created_ms = self.creation.created_ms(_content_key(topic, sketch, outcome, n, ttl_s))
+        wait = self.creation.wait_s(created_ms)
+        if wait:
+            await trio.sleep(wait)  # the same case again this millisecond: the next one
+        try:
             packet = create_packet(
                 self.ident.signing_key,
                 swarm=self.manifest.swarm_id,
@@ -215,7 +221,7 @@ class NodeService:
                 outcome=dict(outcome),
                 n=n,
                 ttl_s=ttl_s,
-                created_ms=self.creation.created_ms(content),
+                created_ms=created_ms,
                 max_bytes=self.manifest.packet_max_bytes,
             )
             # Keys come from the sketch, not the raw vector, so any node holding the
@@ -233,7 +239,7 @@ class NodeService:
         n: int = 1,
         ttl: int | None = None,
     ) -> dict[str, Any]:
-        packet, keys = self._packet(topic, vector, outcome, n, ttl)
+        packet, keys = await self._packet(topic, vector, outcome, n, ttl)
         report = await self._put(packet)
         return {"id": packet.id.hex(), "keys": len(keys), "stored": report}
 
@@ -252,7 +258,7 @@ class NodeService:
                 for name in ("topic", "vector", "outcome"):
                     if name not in item:
                         raise ControlError("invalid", f"{name}: missing")
-                packet, _ = self._packet(
+                packet, _ = await self._packet(
                     item["topic"], item["vector"], item["outcome"], item.get("n", 1),
                     item.get("ttl"),
                 )

@@ -212,34 +212,40 @@ def test_bulk_emit_file_reports_each_bad_line(workdir: Path, daemons: list[Daemo
 
 
 def test_identical_cases_in_one_batch_are_each_kept(workdir: Path, daemons: list[Daemon]) -> None:
-    """Fifty patients alike in every recorded respect are fifty cases, not one packet
-    stored fifty times (same content in one millisecond would be the same packet)."""
+    """A hundred and fifty patients alike in every recorded respect are that many
+    cases, not one packet stored again and again (the same content in the same
+    millisecond would be the same packet); and none is stamped after the synthesis
+    that counts it, so a query finding both counts each case once."""
     d = Daemon(workdir, "alike").start()
     daemons.append(d)
     line = json.dumps({"topic": "t", "vector": [1, 2, 3], "outcome": {"died": True}})
     path = workdir / "alike.jsonl"
-    path.write_text((line + "\n") * 50)
+    path.write_text((line + "\n") * 150)
+    started_ms = time.time() * 1000
     proc = cli("emit", "--file", str(path), "--json", socket_path=d.socket)
     summary = json.loads(proc.stdout)
     ids = [r["id"] for r in summary["results"]]
-    assert summary["accepted"] == 50 and len(set(ids)) == 50
-    held = cli_json("packets", "--topic", "t", "--limit", "200", socket_path=d.socket)["packets"]
+    assert summary["accepted"] == 150 and len(set(ids)) == 150
+    held = cli_json("packets", "--topic", "t", "--limit", "500", socket_path=d.socket)["packets"]
     assert sorted(p["id"] for p in held if p["kind"] == "observation") == sorted(ids)
-    # The synthesis of the fifty names them by one digest; a query finding it and the
-    # fifty still counts fifty cases.
+    stamps = [p["created_ms"] for p in held if p["kind"] == "observation"]
+    assert len(set(stamps)) == 150 and min(stamps) >= started_ms - 1000
+    assert max(stamps) <= time.time() * 1000  # never ahead of the clock
+    # The synthesis of them names them by one digest; a query finding it and the
+    # cases still counts each case once.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         held = cli_json("packets", "--topic", "t", socket_path=d.socket)["packets"]
-        if any(p["kind"] == "synthesis" for p in held):
+        if any(p["kind"] == "synthesis" and p["n"] == 150 for p in held):
             break
         time.sleep(0.5)
     else:
-        raise AssertionError("no synthesis of the fifty within 30 s")
-    answer = cli_json("query", "--topic", "t", "--vector", "[1, 2, 3]", "-k", "60",
+        raise AssertionError("no synthesis of the 150 within 30 s")
+    answer = cli_json("query", "--topic", "t", "--vector", "[1, 2, 3]", "-k", "200",
                       socket_path=d.socket)["answer"]
     assert answer["support"]["syntheses"] == 1
-    assert answer["support"]["presumed_covered"] == 50
-    assert answer["support"]["cases"] == 50
+    assert answer["support"]["presumed_covered"] == 150
+    assert answer["support"]["cases"] == 150
 
 
 def test_bad_input_is_named(workdir: Path, daemons: list[Daemon]) -> None:

@@ -22,7 +22,7 @@ def test_the_swarm_a_state_dir_held_before_is_returned_once(tmp_path: Path) -> N
     assert recorded == {"swarm": other.swarm_id.hex(), "name": "other"}
 
 
-def test_an_unreadable_record_is_replaced_and_a_read_only_dir_tolerated(tmp_path: Path) -> None:
+def test_an_unreadable_record_is_replaced_and_an_unwritable_place_tolerated(tmp_path: Path) -> None:
     (tmp_path / SWARM_FILE_NAME).write_text("{not json")
     assert note_swarm(tmp_path, DEFAULT_MANIFEST) is None
     assert json.loads((tmp_path / SWARM_FILE_NAME).read_text())["name"] == "qisd-default"
