@@ -195,6 +195,10 @@ class QisdCollector:
         yield CounterMetricFamily("qisd_synthesis_fell_behind",
                                   "Deliveries the worker missed (caught up from the store)",
                                   value=svc.synthesis_behind)
+        yield CounterMetricFamily("qisd_synthesis_store_reads_failed",
+                                  "Re-reads of the store by the synthesis worker that failed"
+                                  " (tried again at its next pass)",
+                                  value=st.get("catch_up_failures", 0))
 
 
 def make_registry(service: NodeService) -> tuple[CollectorRegistry, QisdCollector]:

@@ -63,6 +63,8 @@ class WorkerStatistics:
     backlog: int
     passes: int
     resumed: int = 0
+    #: Re-reads of the store that failed (tried again at the next pass).
+    catch_up_failures: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -81,6 +83,7 @@ class WorkerState:
     publish_failures: int = 0
     synthesizer_errors: int = 0
     caught_up: int = 0
+    catch_up_failures: int = 0
     passes: int = 0
     #: ``behind`` as of the last catch-up.
     handled_behind: int = 0
@@ -146,6 +149,7 @@ class WorkerState:
             backlog=backlog,
             passes=self.passes,
             resumed=self.resumed,
+            catch_up_failures=self.catch_up_failures,
         )
 
 
@@ -247,7 +251,12 @@ async def _pass(
     now_ms: Callable[[], int],
 ) -> None:
     if catch_up is not None and state.needs_catch_up:
-        await _catch_up(state, synthesizer, catch_up, is_primary)
+        try:
+            await _catch_up(state, synthesizer, catch_up, is_primary)
+        except Exception as exc:  # the store's disk failed, say: the worker goes on
+            state.catch_up_failures += 1
+            log.warning("synthesis could not re-read the store; again at the next pass",
+                        error=f"{type(exc).__name__}: {exc}")
     now = now_ms()
     try:
         forget = getattr(synthesizer, "forget", None)

@@ -236,3 +236,28 @@ async def test_after_a_restart_the_store_waits_for_the_routing_table_to_settle()
                 await state.wait_pass()
             assert len(reads) == 1 and h.published == []  # the same cohort: nothing new
             await h.send.aclose()
+
+
+async def test_a_store_that_fails_to_read_is_read_again_at_the_next_pass() -> None:
+    """Real clock (the re-read runs in a worker thread). A failing re-read (a disk
+    error) must not end the worker, and the missed packets are not forgotten."""
+    held = cluster(1, 6)
+    reads: list[int] = []
+
+    def read_store() -> list[OutcomePacket]:
+        reads.append(1)
+        if len(reads) == 1:
+            raise OSError(5, "Input/output error")
+        return held
+
+    h = Harness(catch_up=read_store, interval=0.05)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            state = await h.start(nursery)
+            state.mark_behind(6)
+            while not h.published:
+                await state.wait_pass()
+            assert state.catch_up_failures == 1 and len(reads) == 2
+            assert state.caught_up == 6 and [d.n for d in h.published] == [6]
+            assert state.statistics().catch_up_failures == 1
+            await h.send.aclose()
