@@ -223,9 +223,16 @@ async def serve_metrics(
     url = f"http://{shown}:{bound[1]}/metrics"
 
     async def handle(stream: trio.SocketStream) -> None:
-        async with stream:
-            with trio.move_on_after(10):
-                await _answer(stream, registry, collector)
+        # One scraper's connection, whatever becomes of it (a reset, a bug met by
+        # its request), never ends the daemon.
+        try:
+            async with stream:
+                with trio.move_on_after(10):
+                    await _answer(stream, registry, collector)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the scraper went away (a reset: port scanners, health checks)
+        except Exception:
+            log.exception("metrics request failed")
 
     task_status.started(url)
     await trio.serve_listeners(handle, listeners)

@@ -129,9 +129,11 @@ class WorkerState:
         stats_fn = getattr(self.synthesizer, "statistics", None)
         if callable(stats_fn):
             try:
-                synth = dict(stats_fn())
+                synth = {k: int(v) for k, v in dict(stats_fn()).items()
+                         if k in ("skipped_generation", "cohorts")}
             except Exception:  # a plug-in's counters must not break a metrics scrape
                 log.exception("synthesizer statistics failed")
+                synth = {}
         backlog = 0
         if isinstance(self.receive, trio.MemoryReceiveChannel):
             backlog = self.receive.statistics().current_buffer_used
@@ -262,18 +264,23 @@ async def _pass(
         forget = getattr(synthesizer, "forget", None)
         if callable(forget):
             forget(now)
-        drafts = synthesizer.ready(now)
+        drafts = list(synthesizer.ready(now))  # (a plug-in's generator runs here)
     except Exception:
         state.synthesizer_errors += 1
         log.exception("synthesizer ready failed")
         return
     for draft in drafts:
+        if not isinstance(draft, SynthesisDraft):
+            state.synthesizer_errors += 1
+            log.error("synthesizer ready gave something that is not a draft; skipped",
+                      got=type(draft).__name__)
+            continue
         try:
             await publish(draft)
         except Exception as exc:  # e.g. a draft the packet rules refuse, or no peers
             state.publish_failures += 1
-            log.warning("synthesis not published", topic=draft.topic,
-                        series=draft.series.hex(), error=f"{type(exc).__name__}: {exc}")
+            log.warning("synthesis not published", topic=repr(draft.topic),
+                        series=repr(draft.series), error=f"{type(exc).__name__}: {exc}")
         else:
             state.drafts_published += 1
 

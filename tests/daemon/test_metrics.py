@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -88,3 +90,13 @@ def test_unknown_path_is_404(workdir: Path, daemons: list[Daemon]) -> None:
         with socket.create_connection((host, int(port)), timeout=10) as conn:
             conn.sendall(request)
             assert conn.recv(64).split()[1] == status, request
+    # A scraper that resets its connection (port scanners, some health checks) is
+    # nothing to the daemon: it keeps serving.
+    for request in (b"", b"GET /metr"):
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(request)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(0.2)
+    assert d.proc is not None and d.proc.poll() is None
+    with urllib.request.urlopen(d.status["metrics"], timeout=10) as resp:
+        assert resp.status == 200

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import trio
 import trio.testing
 from synth_helpers import KEYS, NOW_MS, direction, near, obs, sign_draft
@@ -261,3 +263,44 @@ async def test_a_store_that_fails_to_read_is_read_again_at_the_next_pass() -> No
             assert state.caught_up == 6 and [d.n for d in h.published] == [6]
             assert state.statistics().catch_up_failures == 1
             await h.send.aclose()
+
+
+class _Faulty:
+    """A plug-in whose ready() breaks in one of the ways third-party code can."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def consume(self, packet: OutcomePacket) -> None:
+        pass
+
+    def ready(self, now_ms: int) -> Any:
+        if self.how == "none":
+            return None
+        if self.how == "dict":
+            return {"topic": "t"}
+        if self.how == "not a draft":
+            return ["draft"]
+        if self.how == "generator":
+            return self._raising()
+        raise AssertionError(self.how)
+
+    def _raising(self) -> Iterator[SynthesisDraft]:
+        raise RuntimeError("plug-in bug")
+        yield  # a generator
+
+    def statistics(self) -> dict[str, Any]:
+        return {"cohorts": "many", "skipped_generation": None}
+
+
+@pytest.mark.parametrize("how", ["none", "dict", "not a draft", "generator"])
+async def test_a_faulty_plugin_is_counted_not_fatal(
+        how: str, autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness()
+    h.synth = _Faulty(how)  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        state = await h.start(nursery)
+        await trio.sleep(INTERVAL * 3.5)
+        assert state.passes >= 3 and state.synthesizer_errors >= 3
+        assert state.statistics().cohorts == 0  # its odd counters left out
+        await h.send.aclose()
