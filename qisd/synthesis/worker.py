@@ -264,7 +264,8 @@ async def _pass(
         forget = getattr(synthesizer, "forget", None)
         if callable(forget):
             forget(now)
-        drafts = list(synthesizer.ready(now))  # (a plug-in's generator runs here)
+        # (a plug-in's generator runs here; its typing is a promise, not a check)
+        drafts: list[Any] = list(synthesizer.ready(now))
     except Exception:
         state.synthesizer_errors += 1
         log.exception("synthesizer ready failed")
