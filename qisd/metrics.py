@@ -25,6 +25,7 @@ from prometheus_client.core import (
 )
 
 from qisd import __version__
+from qisd.storage import StoreError
 
 if TYPE_CHECKING:
     from qisd.daemon.service import NodeService
@@ -58,6 +59,8 @@ class QisdCollector:
     def __init__(self, service: NodeService) -> None:
         self.service = service
         self.store_stats: StoreStats | None = None
+        #: The server's read of the store's totals just failed: leave them out.
+        self.store_unreadable = False
 
     def describe(self) -> list[Metric]:
         return []  # families are dynamic; an empty describe skips the registry's checks
@@ -130,7 +133,14 @@ class QisdCollector:
         )
 
     def _store(self) -> Iterator[Metric]:
-        st = self.store_stats or self.service.store.statistics()
+        st = self.store_stats
+        if st is None:
+            if self.store_unreadable:
+                return
+            try:
+                st = self.service.store.statistics()
+            except StoreError:
+                return  # unreadable now: the gauges are left out, the rest still served
         yield GaugeMetricFamily("qisd_stored_packets", "Packets in the store", value=st.packets)
         yield GaugeMetricFamily("qisd_stored_bytes", "Encoded bytes of stored packets",
                                 value=st.bytes)
@@ -264,10 +274,17 @@ async def _answer(
     try:
         # The store's totals in a worker thread (SQLite); the rest on the trio thread,
         # as the snapshots read trio-owned counters.
-        collector.store_stats = await trio.to_thread.run_sync(
-            collector.service.store.statistics
-        )
+        try:
+            collector.store_stats = await trio.to_thread.run_sync(
+                collector.service.store.statistics
+            )
+        except StoreError as exc:
+            log.warning("metrics without the store's totals: it cannot be read",
+                        code=exc.code, error=str(exc))
+            collector.store_stats = None
+            collector.store_unreadable = True
         body = generate_latest(registry)
+        collector.store_unreadable = False
     except Exception as exc:
         log.exception("metrics collection failed")
         await _reply(stream, 500, f"metrics collection failed: {exc}\n".encode())

@@ -30,6 +30,8 @@ STORAGE_CODES = (STORAGE_FULL, STORAGE_READ_ONLY, STORAGE_ERROR)
 _SQLITE_READONLY = 8
 _SQLITE_FULL = 13
 _SQLITE_CANTOPEN = 14
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 _WHAT = {
     STORAGE_FULL: "the disk is full",
@@ -71,15 +73,39 @@ def code_of(exc: sqlite3.Error, path: Path | None) -> str:
     return STORAGE_ERROR
 
 
+def _what_and_fix(exc: sqlite3.Error, code: str) -> tuple[str, str]:
+    """What happened and what to do, for a ``storage_error`` by SQLite's own code
+    (a busy or damaged database is not a failed disk)."""
+    primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code == STORAGE_ERROR and primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return ("the database is busy (another process holds it)",
+                "make sure no other process writes to it")
+    if code == STORAGE_ERROR and primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return ("the database file is damaged",
+                "stop the daemon and move the file away: a new one is made at the next"
+                " start, and republish by the swarm brings its packets back")
+    return _WHAT[code], _FIX[code]
+
+
 def write_error(exc: sqlite3.Error, path: Path | None) -> StoreError:
     """A failed write as a StoreError: what happened, to which file, what to do."""
     code = code_of(exc, path)
+    what, fix = _what_and_fix(exc, code)
     where = path if path is not None else ":memory:"
     return StoreError(
-        f"packet store {where}: write failed, {_WHAT[code]} ({exc}); nothing was "
-        f"stored and the store is unchanged; {_FIX[code]}",
+        f"packet store {where}: write failed, {what} ({exc}); nothing was "
+        f"stored and the store is unchanged; {fix}",
         code=code,
     )
+
+
+def read_error(exc: sqlite3.Error, path: Path | None) -> StoreError:
+    """A failed read as a StoreError (code ``storage_error``): the caller answers
+    without what the store holds, or says why it cannot."""
+    what, fix = _what_and_fix(exc, STORAGE_ERROR)
+    where = path if path is not None else ":memory:"
+    return StoreError(f"packet store {where}: read failed, {what} ({exc}); {fix}",
+                      code=STORAGE_ERROR)
 
 
 def read_only_error(path: Path) -> StoreError:

@@ -42,6 +42,7 @@ from qisd.storage import (
     StoreError,
     connect,
     connect_read_only,
+    read_error,
     read_only_error,
     writable,
     write_error,
@@ -424,11 +425,14 @@ class PacketStore(StoreOwn):
         on a reader connection of its own (WAL: readers do not block the writer), so
         storage and queries go on meanwhile.
         """
-        with self._lock:
-            if self._closed:
-                raise StoreError(f"packet store {self.path or ':memory:'}: closed")
-            count, size = self._total()
-        keys = self._scan(_count_keys)
+        try:
+            with self._lock:
+                if self._closed:
+                    raise StoreError(f"packet store {self.path or ':memory:'}: closed")
+                count, size = self._total()
+            keys = self._scan(_count_keys)
+        except sqlite3.Error as exc:
+            raise read_error(exc, self.path) from None
         return StoreStats(packets=int(count), bytes=int(size), keys=int(keys))
 
 

@@ -11,26 +11,45 @@ cached arrays (:mod:`qisd.store_cache`).
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
 from qisd.logs import get_logger
 from qisd.packet import OutcomePacket, PacketError, decode_packet
 from qisd.sketch import Sketch
-from qisd.storage import StoreError, connect_reader
+from qisd.storage import StoreError, connect_reader, read_error
 from qisd.store_cache import Bucket, BucketCache
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 #: Seconds the scans stay on the main connection after the reader failed.
 READER_RETRY = 60.0
 
 log = get_logger(__name__)
+
+
+def reading(
+    fn: Callable[Concatenate[StoreReads, P], R],
+) -> Callable[Concatenate[StoreReads, P], R]:
+    """A read whose SQLite failure (a disk I/O error, a damaged file) raises a coded
+    :class:`StoreError` saying so, as failed writes do, not a bare sqlite3 error."""
+
+    def read(self: StoreReads, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise read_error(exc, self.path) from None
+
+    functools.update_wrapper(read, fn)
+    return read
 
 
 class StoreReads:
@@ -78,6 +97,7 @@ class StoreReads:
             self._reader.close()
             self._reader = None
 
+    @reading
     def top(
         self, key: bytes, query: Sketch, m: int, *, now_ms: int, offset: int = 0
     ) -> list[tuple[float, OutcomePacket]]:
@@ -90,6 +110,7 @@ class StoreReads:
         packets = self._load([pid for _, pid in ranked])
         return [(sim, packets[pid]) for sim, pid in ranked if pid in packets]
 
+    @reading
     def top_ids(
         self, key: bytes, query: Sketch, m: int, *, now_ms: int, offset: int = 0
     ) -> list[tuple[float, bytes]]:
@@ -126,6 +147,7 @@ class StoreReads:
         order = sorted(cut, key=lambda i: (-sims[i], ids[live[i]]))
         return [(float(sims[i]), ids[live[i]]) for i in order[offset : offset + m]]
 
+    @reading
     def encoded(self, ids: Sequence[bytes], *, now_ms: int | None = None) -> dict[bytes, bytes]:
         """The stored encodings of those of ``ids`` held here (and, given ``now_ms``,
         not expired)."""
@@ -141,6 +163,7 @@ class StoreReads:
             rows = self._conn.execute(sql, args).fetchall()
         return {r[0]: r[1] for r in rows}
 
+    @reading
     def page(
         self, key: bytes, *, after: bytes | None = None, limit: int = 100, now_ms: int
     ) -> list[OutcomePacket]:
@@ -153,6 +176,7 @@ class StoreReads:
             ).fetchall()
         return self._decoded(r[0] for r in rows)
 
+    @reading
     def key_items(self, key: bytes, now_ms: int) -> list[OutcomePacket]:
         out: list[OutcomePacket] = []
         after: bytes | None = None
@@ -161,14 +185,17 @@ class StoreReads:
             after = batch[-1].id
         return out
 
+    @reading
     def get(self, packet_id: bytes) -> OutcomePacket | None:
         return self._load([packet_id]).get(packet_id)
 
+    @reading
     def has(self, packet_id: bytes) -> bool:
         with self._lock:
             row = self._conn.execute("SELECT 1 FROM packets WHERE id=?", (packet_id,)).fetchone()
         return row is not None
 
+    @reading
     def keys(self, now_ms: int) -> list[bytes]:
         """Every key that holds at least one live packet.
 
@@ -188,6 +215,7 @@ class StoreReads:
 
         return self._scan(query)
 
+    @reading
     def keys_of(self, packet_id: bytes) -> list[bytes]:
         with self._lock:
             rows = self._conn.execute(
@@ -224,6 +252,7 @@ class StoreReads:
             yield from self._decoded(row[1] for row in rows)
             after = rows[-1][0]
 
+    @reading
     def recent(self, *, topic: str | None, limit: int, now_ms: int) -> list[OutcomePacket]:
         """The newest ``limit`` live packets (of ``topic`` if given), newest first."""
         sql = "SELECT data FROM packets WHERE expires_ms > ?"

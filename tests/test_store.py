@@ -316,6 +316,53 @@ def test_corrupt_file_gives_a_clear_error(tmp_path: Path) -> None:
         PacketStore.open(path)
 
 
+class _Failing:
+    """A connection whose statements fail with ``error``, as a sick disk or a
+    damaged file makes them."""
+
+    def __init__(self, error: sqlite3.Error) -> None:
+        self.error = error
+
+    def execute(self, *args: object, **kwargs: object) -> None:
+        raise self.error
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("error", "said"), [
+    (sqlite3.OperationalError("disk I/O error"), "the disk failed"),
+    (sqlite3.DatabaseError("database disk image is malformed"), "the disk failed"),
+], ids=["io", "malformed"])
+def test_failed_reads_raise_a_coded_store_error(tmp_path: Path, error: sqlite3.Error,
+                                                said: str) -> None:
+    store = PacketStore.open(tmp_path / "s.db")
+    store.put(KEY_A, packet(1), now_ms=NOW)
+    store._conn, live = _Failing(error), store._conn  # type: ignore[assignment]
+    store._reader = _Failing(error)  # type: ignore[assignment]
+    store._totals = None
+    store._buckets.clear()
+    for read in (store.statistics, lambda: store.keys(NOW), lambda: store.get(packet(1).id),
+                 lambda: store.recent(topic=None, limit=5, now_ms=NOW)):
+        with pytest.raises(StoreError, match=f"s\\.db: read failed, {said}") as info:
+            read()
+        assert info.value.code == "storage_error"
+    store._conn = live
+    store._reader = None
+    store.close()
+
+
+def test_a_busy_or_damaged_database_is_not_called_a_failed_disk() -> None:
+    from qisd.storage import write_error
+
+    busy = sqlite3.OperationalError("database is locked")
+    busy.sqlite_errorcode = 5  # type: ignore[attr-defined]
+    assert "busy" in str(write_error(busy, Path("x.db")))
+    bad = sqlite3.DatabaseError("database disk image is malformed")
+    bad.sqlite_errorcode = 11  # type: ignore[attr-defined]
+    assert "damaged" in str(write_error(bad, Path("x.db")))
+
+
 KILL_SCRIPT = """
 import sys, os, nacl.signing, numpy as np
 from qisd.packet import create_packet

@@ -31,7 +31,7 @@ from qisd.identity import Identity
 from qisd.manifest import Manifest, ManifestError, check_topic
 from qisd.packet import OutcomePacket, PacketError, create_packet
 from qisd.sketch import FingerprintError, Sketch, cosine, normalize, quantize
-from qisd.store import PacketStore, StoreError
+from qisd.store import PacketStore, StoreError, StoreStats
 from qisd.synthesis.encoding import carry_problem
 from qisd.synthesis.worker import WorkerState
 
@@ -105,16 +105,24 @@ class NodeService:
     # -- status -----------------------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
-        stats = await trio.to_thread.run_sync(self.store.statistics)
+        unreadable: StoreError | None = None
+        try:
+            stats: StoreStats | None = await trio.to_thread.run_sync(self.store.statistics)
+        except StoreError as exc:  # the rest of the status is what the operator needs now
+            stats, unreadable = None, exc
         host, port = self.node.address
+        storage = self.storage()
+        if unreadable is not None:
+            storage["read_error"] = str(unreadable)
         return {
             "node_id": self.ident.node_id.hex(),
             "public_key": self.ident.public_key.hex(),
             "listen": format_hostport(host, port),
             "peers": len(self.node.table),
-            "packets": stats.packets,
-            "bytes": stats.bytes,
-            "keys": stats.keys,
+            # null while the store cannot be read (storage.read_error says why)
+            "packets": None if stats is None else stats.packets,
+            "bytes": None if stats is None else stats.bytes,
+            "keys": None if stats is None else stats.keys,
             "metrics": self.metrics_url,
             "version": __version__,
             "swarm": self.manifest.swarm_id.hex(),
@@ -124,7 +132,7 @@ class NodeService:
             "queries": self.queries,
             "synthesised": self.synthesised,
             "watch_missed": self.watches.dropped,
-            "storage": self.storage(),
+            "storage": storage,
         }
 
     def storage(self) -> dict[str, Any]:

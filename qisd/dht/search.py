@@ -44,8 +44,10 @@ from qisd.dht.busy import BUSY_RETRIES, busy_backoff
 from qisd.dht.lookup import Reply
 from qisd.dht.paging import MAX_BATCH, verify_all
 from qisd.dht.traverse import FAILED, LookupState
+from qisd.logs import get_logger
 from qisd.packet import PACKET_ID_BYTES, OutcomePacket, PacketError, packet_id
 from qisd.sketch import Sketch, cosine_many
+from qisd.storage import StoreError
 
 if TYPE_CHECKING:
     from qisd.dht.packets import PacketOps
@@ -68,6 +70,10 @@ NO_FAULT = frozenset({"expired", "future"})
 SIM_SLACK = 1e-4
 #: A reported similarity outside [-MAX_SIM, MAX_SIM] is no cosine: the answer is bad.
 MAX_SIM = 1.0 + SIM_SLACK
+#: Seconds between log lines about an unreadable local store.
+READ_LOG_INTERVAL = 60.0
+
+log = get_logger(__name__)
 
 
 class IdsReply(NamedTuple):
@@ -171,6 +177,18 @@ class PacketSearch:
     def __init__(self, ops: PacketOps) -> None:
         self.ops = ops
         self.node = ops.node
+        #: When a failed read of the local store was last logged (trio clock).
+        self._read_logged = -READ_LOG_INTERVAL
+
+    def _read_failed(self, exc: StoreError) -> None:
+        """Count a failed local read (the query goes on with what peers hold), and
+        log it at most once a minute."""
+        self.node.counters.dropped["store_read_error"] += 1
+        now = trio.current_time()
+        if now - self._read_logged >= READ_LOG_INTERVAL:
+            self._read_logged = now
+            log.warning("local store unreadable; queries answered from peers",
+                        code=exc.code, error=str(exc))
 
     async def find_packets(
         self, keys: Sequence[bytes], query: Sketch, m: int
@@ -185,7 +203,11 @@ class PacketSearch:
         async def one(key: bytes) -> None:
             found_here: Sequence[tuple[float, OutcomePacket]] = ()
             if node.store is not None and ops.may_hold(key):
-                found_here = await node.in_thread(node.store.top, key, query, m, now_ms=now_ms)
+                try:
+                    found_here = await node.in_thread(node.store.top, key, query, m,
+                                                      now_ms=now_ms)
+                except StoreError as exc:  # the disk failed: what peers hold still counts
+                    self._read_failed(exc)
                 for sim, packet in found_here:
                     found[packet.id] = (float(sim), packet)
             for pid, sim, peer in await self.lookup_ids(key, query, m, held_here=bool(found_here)):

@@ -8,12 +8,14 @@ asks for; the holders' serving methods are wrapped to make them lie or withhold.
 from __future__ import annotations
 
 import random
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from dht_helpers import Swarm, make_packet, member
 from kademlia.node import Node
@@ -26,6 +28,7 @@ from qisd.identity import Identity
 from qisd.manifest import DEFAULT_MANIFEST
 from qisd.packet import OutcomePacket
 from qisd.sketch import Sketch, cosine
+from qisd.storage import StoreError
 
 N = 8
 CONFIG = DHTConfig(rpc_timeout=0.5)
@@ -268,3 +271,34 @@ def test_get_reply_keeps_the_order_asked_and_says_more() -> None:
     assert reply["packets"] == raws[: len(reply["packets"])]
     assert 0 < len(reply["packets"]) < 12 and reply["more"] is True
     assert get_reply(raws[:3]) == {"packets": raws[:3], "more": False}
+
+
+class _FailingConnection:
+    """A SQLite connection whose every statement fails as a dying disk's would."""
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_holder_whose_own_store_cannot_be_read_still_answers_from_peers(
+    tmp_path: Path,
+) -> None:
+    """A disk that fails under a node's store must not fail its queries: what the
+    other holders have still answers them (the local read is counted and logged)."""
+    _, key, packets, query = scene(4, 30)
+    with trio.fail_after(60):
+        async with swarm_with(tmp_path, packets, key) as (swarm, _):
+            holder_id = holders_of(swarm, key)[0].id
+            holder = next(m for m in swarm.members.values() if m.node.me.id == holder_id)
+            store = holder.store
+            store._buckets.clear()
+            store._conn = _FailingConnection()  # type: ignore[assignment]
+            store._reader = _FailingConnection()  # type: ignore[assignment]
+            with pytest.raises(StoreError, match="read failed, the disk failed"):
+                store.top(key, query, 5, now_ms=holder.node.wall_ms())
+            found = await holder.node.find_packets([key], query, 5)
+            assert [p.id for _, p in found] == truth(packets, query)[:5]
+            assert holder.node.counters.dropped["store_read_error"] >= 1
