@@ -112,7 +112,13 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             log.warning("packet store read-only: serving queries, refusing writes",
                         code=store.failure.code, error=str(store.failure))
         try:
-            await _serve(config, notifier, state_dir, manifest, identity, store)
+            serving = trio.Event()
+            try:
+                await _serve(config, notifier, state_dir, manifest, identity, store, serving)
+            except Exception:
+                if serving.is_set():  # not a failed start: a bug or fault while serving
+                    log.exception("the daemon failed while serving")
+                raise
         finally:
             store.close()
             notifier.close()
@@ -126,6 +132,7 @@ async def _serve(
     manifest: Manifest,
     identity: Identity,
     store: PacketStore,
+    serving: trio.Event,
 ) -> None:
     host, port = config.node.listen_address
     watches = WatchHub()
@@ -179,6 +186,7 @@ async def _serve(
             nursery.start_soon(_watchdog, notifier, notifier.watchdog_interval)
         _note_swarm(state_dir, manifest)  # once started: a failed start records nothing
         _log_ready(config, service, node)
+        serving.set()
         notifier.ready(f"serving {len(node.table)} peers")
         await _wait_for_signal()
         notifier.stopping()

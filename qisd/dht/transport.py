@@ -273,6 +273,10 @@ class Transport:
             self.counters.dropped["oversized_reply"] += 1
             log.error("dht reply does not fit a datagram; not sent", peer=addr)
             return
+        except Exception:  # a handler's result msgpack cannot carry (a bug): not fatal
+            self.counters.dropped["handler_error"] += 1
+            log.exception("dht reply cannot be encoded; not sent", peer=addr)
+            return
         await self._send(data, addr)
 
     async def _send(self, data: bytes, addr: Address) -> bool:

@@ -132,3 +132,27 @@ async def test_memnet_down_and_loss(autojump_clock: trio.testing.MockClock) -> N
     b.close()
     await a.sendto(b"y", b.local_address)  # nobody there any more: lost, no error
     assert net.lost == lost + 3
+
+
+async def test_a_reply_msgpack_cannot_carry_is_counted_not_fatal() -> None:
+    """A handler bug (a result msgpack cannot encode) costs that answer, not the node."""
+
+    def handler(name: str, args: list[Any], addr: Address) -> Any:
+        return object() if name == "broken" else [name, args]
+
+    counters = Counters()
+    server_ep = await open_udp_endpoint("127.0.0.1", 0)
+    client_ep = await open_udp_endpoint("127.0.0.1", 0)
+    server = Transport(server_ep, handler, counters)
+    client = Transport(client_ep, echo, Counters(), timeout=0.5)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            await nursery.start(client.serve)
+            assert await client.call(server_ep.local_address, "broken", []) == (False, None)
+            assert counters.dropped["handler_error"] >= 1  # (the client sends it again)
+            assert await client.call(server_ep.local_address, "ping", [1]) == (True,
+                                                                               ["ping", [1]])
+            nursery.cancel_scope.cancel()
+    server_ep.close()
+    client_ep.close()
