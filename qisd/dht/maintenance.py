@@ -108,6 +108,7 @@ async def every(
         try:
             await job(node)
         except Exception:  # upkeep must go on; the log says what broke
+            node.counters.task_errors += 1  # (qisd_dht_task_errors_total)
             log.exception("dht upkeep failed", job=getattr(job, "__name__", repr(job)))
 
 
@@ -194,6 +195,7 @@ async def handoff_worker(node: DHTNode) -> None:
         try:
             await hand_off(node, batch)
         except Exception:
+            node.counters.task_errors += 1
             log.exception("dht hand-off failed", contacts=len(batch))
 
 

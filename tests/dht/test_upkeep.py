@@ -6,13 +6,16 @@ import os
 import random
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import trio
+import trio.testing
 import umsgpack
 from dht_helpers import eventually, make_packet, member
 
-from qisd.dht import DHTConfig
+from qisd.dht import DHTConfig, maintenance
 from qisd.dht.ratelimit import RateLimits
+from qisd.dht.stats import Counters
 from qisd.identity import Identity
 from qisd.manifest import Manifest
 
@@ -81,3 +84,18 @@ async def test_deliveries_never_block_storage(tmp_path: Path) -> None:
         stats = solo.node.statistics()
         assert stats.deliveries == 1 and stats.deliveries_dropped == 2
         assert solo.store.statistics().packets == 3
+
+
+async def test_an_upkeep_job_that_fails_is_counted_and_runs_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    runs: list[int] = []
+
+    async def broken(node: object) -> None:
+        runs.append(1)
+        raise OSError(5, "Input/output error")
+
+    node = SimpleNamespace(rng=random.Random(1), counters=Counters())
+    with trio.move_on_after(35):
+        await maintenance.every(node, 10.0, broken)  # type: ignore[arg-type]
+    assert len(runs) == 3 and node.counters.task_errors == 3
