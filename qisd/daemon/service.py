@@ -360,9 +360,12 @@ class NodeService:
                 check_topic(topic)  # as emit, query and watch: no such topic can exist
             except ManifestError as exc:
                 raise ControlError("invalid", str(exc)) from None
-        found = await trio.to_thread.run_sync(
-            lambda: self.store.recent(topic=topic, limit=limit, now_ms=now_ms())
-        )
+        try:
+            found = await trio.to_thread.run_sync(
+                lambda: self.store.recent(topic=topic, limit=limit, now_ms=now_ms())
+            )
+        except StoreError as exc:  # a failing disk or a damaged file: say which
+            raise ControlError(exc.code, str(exc)) from None
         return {"packets": [p.to_summary() for p in found]}
 
     @asynccontextmanager

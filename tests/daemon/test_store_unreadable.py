@@ -9,10 +9,12 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from prometheus_client import generate_latest
 
 from qisd.config import Config
+from qisd.control.errors import ControlError
 from qisd.daemon.service import NodeService
 from qisd.daemon.watch import WatchHub
 from qisd.dht import DHTConfig, open_node
@@ -53,6 +55,10 @@ async def test_status_and_metrics_say_the_store_is_unreadable(tmp_path: Path) ->
             with trio.fail_after(10):
                 answer = await service.query(topic="t", vector=[1.0, 0.0], k=5)
             assert answer["matches"] == []
+            with pytest.raises(ControlError) as listing:
+                await service.packets()
+            assert listing.value.code == "storage_error"
+            assert "read failed" in listing.value.message
             store._conn, store._reader = live, None
     finally:
         store._conn = live
