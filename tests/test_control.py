@@ -178,6 +178,18 @@ class GeneratorWatchAPI(FakeAPI):
         return events()
 
 
+class FloodWatchAPI(FakeAPI):
+    """``watch`` streams far more than a socket buffer holds, as fast as it can."""
+
+    def watch(self, *, topic: str, vector: list[float] | None = None  # type: ignore[override]
+              ) -> AsyncIterator[dict[str, Any]]:
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            for i in range(2000):
+                yield {"id": f"{i:032x}", "topic": topic, "outcome": {"pad": "x" * 2000}}
+
+        return events()
+
+
 # -- harness ------------------------------------------------------------------------------
 
 
@@ -733,6 +745,24 @@ def test_watch_streams_events_until_the_client_closes() -> None:
         with pytest.raises(ControlError) as err:
             client.watch(topic="refuse")
         assert err.value.code == "invalid"
+
+
+def test_a_watch_that_ends_ends_and_one_cut_off_says_so() -> None:
+    """A stream that ends says so (the iterator stops); a reader so slow that the
+    daemon's write waits past its deadline is cut off, and the client raises saying
+    packets after the last event did not reach it, rather than just stopping."""
+    with (serving(GeneratorWatchAPI()) as (path, _), Client(path, timeout=TIMEOUT) as client,
+          client.watch(topic="g") as events):
+        assert len(list(events)) == 3  # then {"ended": true}: a clean stop
+    with (serving(FloodWatchAPI(), write_timeout=0.3) as (path, _),
+          Client(path, timeout=TIMEOUT).watch(topic="f") as events):
+        first = next(events)
+        trio.run(trio.sleep, 1.5)  # not reading: the daemon's write gives up
+        got = 1
+        with pytest.raises(ConnectionError, match="cut off"):
+            for _ in events:
+                got += 1
+        assert first["id"] == f"{0:032x}" and got < 2000
 
 
 def test_a_watching_connection_refuses_other_requests() -> None:

@@ -38,6 +38,8 @@ from qisd.control.calls import (
     result_str,
     split_items,
     topic_text,
+    watch_cut,
+    watch_ended,
 )
 from qisd.control.errors import ControlError
 from qisd.control.framing import LineSplitter, Overflow
@@ -300,6 +302,10 @@ class AsyncWatch:
         try:
             reply = await self._conn.read_reply()
             if reply is None:
+                path = self._conn.path
+                await self.aclose()
+                raise watch_cut(path)
+            if watch_ended(reply):
                 await self.aclose()
                 raise StopAsyncIteration
             if reply.event is None:

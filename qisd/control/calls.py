@@ -44,6 +44,8 @@ __all__ = [
     "result_str",
     "split_items",
     "topic_text",
+    "watch_cut",
+    "watch_ended",
 ]
 
 #: The environment variable naming the control socket (as ``--socket`` does).
@@ -333,6 +335,20 @@ def addresses_list(addresses: Any) -> list[str]:
 
 
 # -- replies ------------------------------------------------------------------------
+
+
+def watch_cut(path: Path) -> ConnectionError:
+    """A watch whose connection closed without the daemon ending it."""
+    return ConnectionError(
+        f"the daemon closed the watch ({path}) without ending it: it stopped, or this"
+        " reader fell behind past the daemon's write deadline and was cut off; packets"
+        " after the last event were not delivered here"
+    )
+
+
+def watch_ended(reply: Reply) -> bool:
+    """True for the daemon's last line of a watch whose stream ended."""
+    return reply.event is None and reply.error is None and reply.result == {"ended": True}
 
 
 def readable_now(sock: Any) -> bool:

@@ -48,6 +48,8 @@ from qisd.control.calls import (
     result_str,
     split_items,
     topic_text,
+    watch_cut,
+    watch_ended,
 )
 from qisd.control.errors import ControlError, DaemonNotRunning
 from qisd.control.framing import LineSplitter, Overflow
@@ -299,6 +301,10 @@ class Watch:
         try:
             reply = self._conn.read_reply()
             if reply is None:
+                path = self._conn.path
+                self.close()
+                raise watch_cut(path)
+            if watch_ended(reply):
                 self.close()
                 raise StopIteration
             if reply.event is None:

@@ -85,6 +85,8 @@ class Watches:
                     async for event in events:
                         if not await conn.send(encode_event(req.id, event)):
                             break
+                    else:  # the stream ended: say so, or the client takes it for a cut
+                        await conn.send(encode_result(req.id, {"ended": True}))
         except ControlError as exc:
             failure = exc
         except Exception as exc:
