@@ -154,3 +154,11 @@ async def test_the_trio_client_names_the_socket_path_too() -> None:
 def test_an_empty_socket_path_is_refused() -> None:
     with pytest.raises(ValueError, match="socket_path is empty"):
         Client("")
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), True, "5"])
+def test_a_timeout_that_cannot_be_one_is_named(timeout: Any) -> None:
+    with pytest.raises(ValueError, match="timeout: must be a number of seconds > 0"):
+        Client(NOWHERE, timeout=timeout)
+    with pytest.raises(ValueError, match="timeout: must be a number of seconds > 0"):
+        AsyncClient(NOWHERE, timeout=timeout)

@@ -116,6 +116,8 @@ class Client:
         self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float = 30.0
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(f"timeout: must be a number of seconds > 0, got {timeout!r}")
         self.timeout = timeout
         self._conn: _Line | None = None
         self._ids = 0
@@ -166,6 +168,7 @@ class Client:
                 self._drop()  # a late reply would answer the next request
                 raise TimeoutError(
                     f"no reply to {method} within {self.timeout}s from {self.socket_path}"
+                    " (a request that changes something may still be done: check first)"
                 ) from None
             except ControlError as exc:
                 if exc.code == BAD_REPLY:
