@@ -287,7 +287,12 @@ def bootstrap(
     if result.get("contacted") == 0 or all(a in reasons for a in checked):
         tried = ", ".join(f"{a} ({reasons[a]})" if a in reasons else a
                           for a in dict.fromkeys(checked))  # each address once
-        fail = Failure("unreachable", f"joined no swarm through: {tried}")
+        peers = result.get("peers")
+        if isinstance(peers, int) and peers > 0:
+            fail = Failure("unreachable", f"none of the addresses given answered: {tried};"
+                           f" this node still knows {peers} peer(s)")
+        else:
+            fail = Failure("unreachable", f"joined no swarm through: {tried}")
         if not as_json:
             echo(render.key_values(_without_failed(result)))
         _fail(fail, as_json, extra=result)

@@ -168,6 +168,15 @@ class NodeService:
             "public_key": self.ident.public_key.hex(),
         }
 
+    def _is_me(self, addr: tuple[str, int]) -> bool:
+        """``addr`` is this node's own UDP address (as bound, or its port on a
+        loopback or wildcard bind)."""
+        host, port = self.node.address
+        if addr == (host, port):
+            return True
+        local = {"127.0.0.1", "::1", "localhost"}
+        return addr[1] == port and host in {"0.0.0.0", "::", *local} and addr[0] in local
+
     async def bootstrap(self, addresses: list[str]) -> dict[str, Any]:
         if not addresses:
             raise ControlError("invalid", "addresses: name at least one host:port")
@@ -178,7 +187,9 @@ class NodeService:
         for text, (_, port) in zip(addresses, addrs, strict=True):
             if port == 0:
                 raise ControlError("invalid", f"addresses: {text}: port 0 is no peer's port")
-        found, failed = await self.node.join(addrs)
+        mine = {a for a in addrs if self._is_me(a)}
+        found, failed = await self.node.join([a for a in addrs if a not in mine])
+        failed = {**failed, **dict.fromkeys(mine, "this node's own address")}
         if found and len(failed) < len(set(addrs)):
             self.last_bootstrap = time.time()
         return {

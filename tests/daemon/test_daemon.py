@@ -260,6 +260,10 @@ def test_bad_input_is_named(workdir: Path, daemons: list[Daemon]) -> None:
     proc = cli("query", "--topic", "t", "--vector", "not-a-list", socket_path=d.socket,
                check=False)
     assert proc.returncode != 0 and "vector" in proc.stderr
+    proc = cli("bootstrap", d.address, "--json", socket_path=d.socket, check=False)
+    assert proc.returncode == 1  # a node cannot join through itself, and says so
+    failed = json.loads(proc.stdout)["failed"]
+    assert failed == [{"address": d.address, "reason": "this node's own address"}]
     for topic in ("a\tb", "x" * 65, ""):  # as emit and query would: no such topic exists
         proc = cli("packets", "--topic", topic, socket_path=d.socket, check=False)
         assert proc.returncode == 1 and "topic" in proc.stderr, proc.stderr
