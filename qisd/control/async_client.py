@@ -27,6 +27,7 @@ from qisd.control.calls import (
     addresses_list,
     as_vector,
     check_reply,
+    check_timeout,
     connect_error,
     emit_params,
     idle_notice,
@@ -113,9 +114,7 @@ class AsyncClient:
         self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float = 30.0
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-            raise ValueError(f"timeout: must be a number of seconds > 0, got {timeout!r}")
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self._conn: _AsyncLine | None = None
         self._ids = 0
         self._lock = trio.Lock()

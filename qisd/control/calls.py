@@ -31,6 +31,7 @@ __all__ = [
     "addresses_list",
     "as_vector",
     "check_reply",
+    "check_timeout",
     "connect_error",
     "emit_item",
     "emit_params",
@@ -202,6 +203,13 @@ def outcome_map(outcome: Any, name: str = "outcome") -> dict[str, Any]:
                              f" packet carries), got {_type_name(value)}")
     checked: dict[str, Any] = json_value(outcome, name)
     return checked
+
+
+def check_timeout(timeout: Any) -> float:
+    """A client's reply timeout: a number of seconds > 0 (ValueError otherwise)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"timeout: must be a number of seconds > 0, got {timeout!r}")
+    return float(timeout)
 
 
 def topic_text(topic: Any) -> str:
