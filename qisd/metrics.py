@@ -52,15 +52,14 @@ def _bound(b: float) -> str:
 class QisdCollector:
     """Reads the service's layers on each scrape.
 
-    The store's totals come from ``store_stats`` when the server has read them off
-    the trio thread for this scrape (counting a large store's keys is a table scan:
-    on the event loop it would stall the node for the scrape's length)."""
+    The store's totals come from ``store_stats``, read off the trio thread for each
+    scrape by :func:`scrape` (counting a large store's keys is a table scan: on the
+    event loop it would stall the node for the scrape's length); None (unreadable)
+    leaves the store's gauges out."""
 
     def __init__(self, service: NodeService) -> None:
         self.service = service
         self.store_stats: StoreStats | None = None
-        #: The server's read of the store's totals just failed: leave them out.
-        self.store_unreadable = False
 
     def describe(self) -> list[Metric]:
         return []  # families are dynamic; an empty describe skips the registry's checks
@@ -135,12 +134,7 @@ class QisdCollector:
     def _store(self) -> Iterator[Metric]:
         st = self.store_stats
         if st is None:
-            if self.store_unreadable:
-                return
-            try:
-                st = self.service.store.statistics()
-            except StoreError:
-                return  # unreadable now: the gauges are left out, the rest still served
+            return  # the store could not be read: the rest is still served
         yield GaugeMetricFamily("qisd_stored_packets", "Packets in the store", value=st.packets)
         yield GaugeMetricFamily("qisd_stored_bytes", "Encoded bytes of stored packets",
                                 value=st.bytes)
@@ -272,25 +266,27 @@ async def _answer(
         await _reply(stream, 404, b"see /metrics\n")
         return
     try:
-        # The store's totals in a worker thread (SQLite); the rest on the trio thread,
-        # as the snapshots read trio-owned counters.
-        try:
-            collector.store_stats = await trio.to_thread.run_sync(
-                collector.service.store.statistics
-            )
-        except StoreError as exc:
-            log.warning("metrics without the store's totals: it cannot be read",
-                        code=exc.code, error=str(exc))
-            collector.store_stats = None
-            collector.store_unreadable = True
-        body = generate_latest(registry)
-        collector.store_unreadable = False
+        body = await scrape(registry, collector)
     except Exception as exc:
         log.exception("metrics collection failed")
         await _reply(stream, 500, f"metrics collection failed: {exc}\n".encode())
         return
     await _reply(stream, 200, body if line[0] == "GET" else b"",
                  content_type="text/plain; version=0.0.4; charset=utf-8", length=len(body))
+
+
+async def scrape(registry: CollectorRegistry, collector: QisdCollector) -> bytes:
+    """The exposition: the store's totals read in a worker thread (SQLite), the rest
+    on the trio thread, as the snapshots read trio-owned counters."""
+    try:
+        collector.store_stats = await trio.to_thread.run_sync(
+            collector.service.store.statistics
+        )
+    except StoreError as exc:
+        log.warning("metrics without the store's totals: it cannot be read",
+                    code=exc.code, error=str(exc))
+        collector.store_stats = None
+    return bytes(generate_latest(registry))
 
 
 async def _reply(stream: trio.SocketStream, status: int, body: bytes, *,

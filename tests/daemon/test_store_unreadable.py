@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import trio
-from prometheus_client import generate_latest
 
 from qisd.config import Config
 from qisd.control.errors import ControlError
@@ -20,7 +19,7 @@ from qisd.daemon.watch import WatchHub
 from qisd.dht import DHTConfig, open_node
 from qisd.identity import Identity
 from qisd.manifest import DEFAULT_MANIFEST
-from qisd.metrics import make_registry
+from qisd.metrics import make_registry, scrape
 from qisd.store import PacketStore
 
 
@@ -42,6 +41,7 @@ async def test_status_and_metrics_say_the_store_is_unreadable(tmp_path: Path) ->
             service = NodeService(config=Config(), ident=identity, manifest=DEFAULT_MANIFEST,
                                   store=store, node=node, watches=WatchHub())
             assert (await service.status())["packets"] == 0
+            assert "qisd_stored_packets" in (await scrape(*make_registry(service))).decode()
             store._conn = _Failing()  # type: ignore[assignment]
             store._reader = _Failing()  # type: ignore[assignment]
             store._totals = None
@@ -49,8 +49,7 @@ async def test_status_and_metrics_say_the_store_is_unreadable(tmp_path: Path) ->
             assert status["packets"] is None and status["keys"] is None
             assert "read failed, the disk failed" in status["storage"]["read_error"]
             assert status["node_id"] == identity.node_id.hex()  # the rest as ever
-            registry, _ = make_registry(service)
-            page = generate_latest(registry).decode()
+            page = (await scrape(*make_registry(service))).decode()
             assert "qisd_stored_packets" not in page and "qisd_peers" in page
             with trio.fail_after(10):
                 answer = await service.query(topic="t", vector=[1.0, 0.0], k=5)
