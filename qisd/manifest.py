@@ -93,8 +93,16 @@ def check_name(fieldname: str, value: object, max_bytes: int) -> str:
 
 
 def check_topic(topic: object) -> str:
-    """Validate a topic name as used in keys and packets; returns it unchanged."""
-    return check_name("topic", topic, TOPIC_MAX_BYTES)
+    """Validate a topic name as used in keys and packets; returns it unchanged.
+
+    Beyond :func:`check_name`: no whitespace at either end, since ``"cancer "`` would
+    be a topic of its own whose packets a query for ``"cancer"`` never meets. (Packets
+    from peers are held to the wire rule only, :mod:`qisd.packet`.)
+    """
+    name = check_name("topic", topic, TOPIC_MAX_BYTES)
+    if name != name.strip():
+        raise _fail("topic", f"must not begin or end with whitespace: {name!r}")
+    return name
 
 
 @dataclass(frozen=True)

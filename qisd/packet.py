@@ -155,6 +155,11 @@ class OutcomePacket:
 PACKET_ID_BYTES = 16
 
 
+def wall_ms() -> int:
+    """Now, as packets count time: whole milliseconds since the Unix epoch."""
+    return int(time.time() * 1000)
+
+
 def packet_id(encoded: bytes) -> bytes:
     """BLAKE2b-128 of a packet's canonical signed encoding."""
     return hashlib.blake2b(encoded, digest_size=PACKET_ID_BYTES).digest()
@@ -230,7 +235,7 @@ def create_packet(
         "topic": topic,
         "kind": kind,
         "origin": origin,
-        "created_ms": int(time.time() * 1000) if created_ms is None else created_ms,
+        "created_ms": wall_ms() if created_ms is None else created_ms,
         "ttl_s": ttl_s,
         "sketch": sketch,
         "outcome": dict(outcome),

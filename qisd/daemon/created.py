@@ -15,18 +15,15 @@ every stamp given before it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+
+from qisd.packet import wall_ms
 
 #: Entries kept before those that can no longer collide (given before now) go.
 PRUNE_AT = 1024
 #: A stamp this far ahead of the clock means the clock stepped back: forgotten,
 #: not waited for.
 STEPPED_BACK_MS = 1000
-
-
-def wall_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class CreationClock:

@@ -29,7 +29,7 @@ from qisd.dht import DHTNode
 from qisd.fingerprint import LSH, keys_for, probe_keys
 from qisd.identity import Identity
 from qisd.manifest import Manifest, ManifestError, check_topic
-from qisd.packet import OutcomePacket, PacketError, create_packet
+from qisd.packet import OutcomePacket, PacketError, create_packet, wall_ms
 from qisd.sketch import FingerprintError, Sketch, cosine, normalize, quantize
 from qisd.store import PacketStore, StoreError, StoreStats
 from qisd.synthesis.encoding import carry_problem
@@ -41,10 +41,6 @@ MAX_EMIT_BATCH = 1000
 MAX_WATCH_BITS = 8
 #: Seconds between listen attempts while a watched key has no node to register at.
 WATCH_RETRY_S = 3.0
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _content_key(topic: str, sketch: Sketch, outcome: Mapping[str, Any], n: int, ttl: int) -> bytes:
@@ -373,7 +369,7 @@ class NodeService:
                 raise ControlError("invalid", str(exc)) from None
         try:
             found = await trio.to_thread.run_sync(
-                lambda: self.store.recent(topic=topic, limit=limit, now_ms=now_ms())
+                lambda: self.store.recent(topic=topic, limit=limit, now_ms=wall_ms())
             )
         except StoreError as exc:  # a failing disk or a damaged file: say which
             raise ControlError(exc.code, str(exc)) from None

@@ -10,7 +10,6 @@ channel; when it is full the pump counts the miss and the worker re-reads the st
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from kademlia.node import Node
 from qisd.config import Config
 from qisd.dht.api import Delivery
 from qisd.fingerprint import keys_for
-from qisd.packet import KIND_SYNTHESIS, OutcomePacket, create_packet
+from qisd.packet import KIND_SYNTHESIS, OutcomePacket, create_packet, wall_ms
 from qisd.sketch import quantize
 from qisd.synthesis.base import SynthesisDraft, SynthesizerSettings, load_synthesizer
 from qisd.synthesis.worker import WorkerState, run_worker
@@ -43,7 +42,7 @@ async def publish_draft(service: NodeService, draft: SynthesisDraft) -> None:
     manifest = service.manifest
     ttl_s = manifest.ttl_default_s
     if draft.expires_ms is not None:
-        ttl_s = max(1, min(ttl_s, (draft.expires_ms - int(time.time() * 1000)) // 1000))
+        ttl_s = max(1, min(ttl_s, (draft.expires_ms - wall_ms()) // 1000))
     packet = create_packet(
         service.ident.signing_key,
         swarm=manifest.swarm_id,
@@ -83,10 +82,10 @@ async def run_synthesis(
     service.worker_state = state
 
     def catch_up() -> Any:
-        return service.store.iter_packets(now_ms=int(time.time() * 1000))
+        return service.store.iter_packets(now_ms=wall_ms())
 
     def resume() -> list[OutcomePacket]:
-        own = service.store.own_packets(int(time.time() * 1000))
+        own = service.store.own_packets(wall_ms())
         return [p for p, _ in own if p.kind == KIND_SYNTHESIS]
 
     async def settle() -> None:

@@ -13,7 +13,6 @@ periodic upkeep in :mod:`qisd.dht.maintenance`. Use :func:`open_node`::
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -40,7 +39,7 @@ from qisd.dht.values import AddressMemory, Listeners, StockValue, ValueStore
 from qisd.dht.wire import MAX_REPLY_NODES, Address, WireError, contact_list, normalize_ip
 from qisd.logs import get_logger
 from qisd.manifest import DEFAULT_MANIFEST, Manifest
-from qisd.packet import OutcomePacket
+from qisd.packet import OutcomePacket, wall_ms
 from qisd.sketch import Sketch
 
 log = get_logger(__name__)
@@ -180,9 +179,7 @@ class DHTNode:
     def address(self) -> Address:
         return self.transport.local_address
 
-    @staticmethod
-    def wall_ms() -> int:
-        return int(time.time() * 1000)
+    wall_ms = staticmethod(wall_ms)
 
     # -- contacts ---------------------------------------------------------------
 

@@ -16,7 +16,6 @@ or publish is logged and counted; it never stops the daemon.
 from __future__ import annotations
 
 import itertools
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from qisd.packet import OutcomePacket
+from qisd.packet import OutcomePacket, wall_ms
 from qisd.synthesis.base import SynthesisDraft, Synthesizer
 
 log = structlog.get_logger("qisd.synthesis")
@@ -153,10 +152,6 @@ class WorkerState:
             resumed=self.resumed,
             catch_up_failures=self.catch_up_failures,
         )
-
-
-def wall_ms() -> int:
-    return int(time.time() * 1000)
 
 
 async def run_worker(

@@ -27,6 +27,16 @@ def test_odd_input_gets_named_answers(workdir: Path, daemons: list[Daemon]) -> N
                 client.emit(topic="t", vector=[1.0, 0.0, 0.0], outcome={name: value})
             assert info.value.code == "invalid"
         client.emit(topic="t", vector=[1.0, 0.0, 0.0], outcome={"x" * 27: 1.5, "y" * 31: "ok"})
+        # A topic with whitespace at an end would be a topic of its own: refused in
+        # every call that names one.
+        for call in (
+            lambda: client.emit(topic="t ", vector=[1.0, 0.0, 0.0], outcome={"a": 1}),
+            lambda: client.query(topic=" t", vector=[1.0, 0.0, 0.0]),
+            lambda: client.packets(topic="t  "),
+            lambda: client.watch(topic=" "),
+        ):
+            with pytest.raises(ControlError, match="topic: must not begin or end with whitespace"):
+                call()
 
         # A topic carrying 4-d and 3-d vectors: a 3-d query compares with 3-d only.
         four = client.emit(topic="mixed", vector=[1.0, 0.2, 0.1, 0.0], outcome={"a": 1})
