@@ -93,13 +93,17 @@ def check_name(fieldname: str, value: object, max_bytes: int) -> str:
 
 
 def check_topic(topic: object) -> str:
-    """Validate a topic name as used in keys and packets; returns it unchanged.
+    """Validate a topic name as used in keys and packets; returns it unchanged."""
+    return check_name("topic", topic, TOPIC_MAX_BYTES)
 
-    Beyond :func:`check_name`: no whitespace at either end, since ``"cancer "`` would
-    be a topic of its own whose packets a query for ``"cancer"`` never meets. (Packets
-    from peers are held to the wire rule only, :mod:`qisd.packet`.)
-    """
-    name = check_name("topic", topic, TOPIC_MAX_BYTES)
+
+def check_local_topic(topic: object) -> str:
+    """A topic this node's own users may name (emit, query, watch, packets): the
+    wire rule of :func:`check_topic` and no whitespace at either end, since
+    ``"cancer "`` would be a topic of its own that a query for ``"cancer"`` never
+    meets. Packets from peers are held to the wire rule only, so one from a node
+    that allowed such a topic is still stored, routed and synthesised."""
+    name = check_topic(topic)
     if name != name.strip():
         raise _fail("topic", f"must not begin or end with whitespace: {name!r}")
     return name

@@ -200,8 +200,9 @@ class QisdCollector:
                                   "Deliveries the worker missed (caught up from the store)",
                                   value=svc.synthesis_behind)
         yield CounterMetricFamily("qisd_synthesis_store_reads_failed",
-                                  "Re-reads of the store by the synthesis worker that failed"
-                                  " (tried again at its next pass)",
+                                  "Reads of the store by the synthesis worker that failed"
+                                  " (re-reads are tried again at its next pass; a failed"
+                                  " read of its own syntheses at start is not)",
                                   value=st.get("catch_up_failures", 0))
 
 

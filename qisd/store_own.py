@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 
 from qisd.packet import OutcomePacket, packet_id
+from qisd.storage import read_error
 from qisd.store_reads import StoreReads
 
 KEY_BYTES = 20
@@ -118,9 +119,13 @@ class StoreOwn(StoreReads):
                     "SELECT keys, data FROM own WHERE expires_ms > ? ORDER BY created_ms, id",
                     (now_ms,),
                 ).fetchall()
-            except sqlite3.OperationalError:
-                # A store from before this table, opened read-only: nothing kept yet.
-                return []
+            except sqlite3.Error as exc:
+                if "no such table" in str(exc):
+                    # A store from before this table, opened read-only: nothing kept yet.
+                    return []
+                # A failing disk is not "nothing kept": republish and the synthesis
+                # resume must hear of it.
+                raise read_error(exc, self.path) from None
         packets = {p.id: p for p in self._decoded(data for _, data in rows)}
         return [
             (packets[pid], tuple(_split(keys)))

@@ -156,9 +156,16 @@ def test_an_empty_socket_path_is_refused() -> None:
         Client("")
 
 
-@pytest.mark.parametrize("timeout", [0, -1, float("nan"), True, "5"])
+@pytest.mark.parametrize(
+    "timeout", [0, -1, float("nan"), float("inf"), 1e10, 7 * 24 * 3600 + 1, True, "5", None])
 def test_a_timeout_that_cannot_be_one_is_named(timeout: Any) -> None:
     with pytest.raises(ValueError, match="timeout: must be a number of seconds > 0"):
         Client(NOWHERE, timeout=timeout)
     with pytest.raises(ValueError, match="timeout: must be a number of seconds > 0"):
         AsyncClient(NOWHERE, timeout=timeout)
+
+
+def test_the_longest_timeout_works() -> None:
+    """A week is taken and reaches the socket layer (1e10 seconds overflowed it)."""
+    with pytest.raises(DaemonNotRunning):
+        Client(NOWHERE, timeout=7 * 24 * 3600).status()

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qisd.fingerprint import keys_for
 from qisd.manifest import (
     DEFAULT_MANIFEST,
     DEFAULT_SEED,
@@ -21,6 +22,8 @@ from qisd.manifest import (
     Manifest,
     ManifestError,
     TopicParams,
+    check_local_topic,
+    check_topic,
     load_manifest,
 )
 
@@ -340,3 +343,12 @@ def test_load_manifest_errors_name_the_file(tmp_path: Path) -> None:
         with pytest.raises(ManifestError, match=message) as info:
             load_manifest(path)
         assert str(path) in str(info.value)
+
+
+def test_a_topic_with_whitespace_at_an_end_is_refused_locally_but_keyed_for_peers() -> None:
+    for topic in ("sepsis ", " sepsis", " "):
+        assert check_topic(topic) == topic  # the wire rule: a peer's packet may carry it
+        assert len(keys_for(DEFAULT_MANIFEST, topic, [1.0, 0.5])) == DEFAULT_MANIFEST.tables
+        with pytest.raises(ManifestError, match="topic: must not begin or end with whitespace"):
+            check_local_topic(topic)
+    assert check_local_topic("two words") == "two words"

@@ -205,10 +205,20 @@ def outcome_map(outcome: Any, name: str = "outcome") -> dict[str, Any]:
     return checked
 
 
+#: The longest reply timeout a client takes: a week (the socket layer cannot wait
+#: past ~292 years, and no request needs more than minutes).
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
 def check_timeout(timeout: Any) -> float:
-    """A client's reply timeout: a number of seconds > 0 (ValueError otherwise)."""
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ValueError(f"timeout: must be a number of seconds > 0, got {timeout!r}")
+    """A client's reply timeout: a number of seconds in (0, a week] (ValueError
+    otherwise; None for no timeout is refused too, a hung daemon would hang the
+    caller)."""
+    if (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+            or not 0 < timeout <= MAX_TIMEOUT_S):
+        raise ValueError(
+            f"timeout: must be a number of seconds > 0 and at most {MAX_TIMEOUT_S} "
+            f"(a week), got {timeout!r}")
     return float(timeout)
 
 

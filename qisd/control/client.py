@@ -73,8 +73,8 @@ class _Line:
     def __init__(self, path: Path, timeout: float | None) -> None:
         self.path = path
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
         try:
+            sock.settimeout(timeout)
             sock.connect(os.fspath(path))
         except OSError as exc:
             sock.close()
@@ -274,8 +274,10 @@ class Client:
 
 
 class Watch:
-    """A running watch: iterate for event dicts; ends when the daemon closes the
-    connection, raises ControlError if the daemon ends it with an error."""
+    """A running watch: iterate for event dicts. Iteration stops when the daemon
+    ends the stream (``{"ended": true}``), raises ControlError if it ends it with an
+    error, and ConnectionError if the connection is cut without either (packets
+    after the last event were then not delivered)."""
 
     _RID: RequestId = 1
 

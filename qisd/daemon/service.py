@@ -28,7 +28,7 @@ from qisd.daemon.watch import Subscription, WatchHub
 from qisd.dht import DHTNode
 from qisd.fingerprint import LSH, keys_for, probe_keys
 from qisd.identity import Identity
-from qisd.manifest import Manifest, ManifestError, check_topic
+from qisd.manifest import Manifest, ManifestError, check_local_topic
 from qisd.packet import OutcomePacket, PacketError, create_packet, wall_ms
 from qisd.sketch import FingerprintError, Sketch, cosine, normalize, quantize
 from qisd.store import PacketStore, StoreError, StoreStats
@@ -41,6 +41,13 @@ MAX_EMIT_BATCH = 1000
 MAX_WATCH_BITS = 8
 #: Seconds between listen attempts while a watched key has no node to register at.
 WATCH_RETRY_S = 3.0
+
+
+def _check_topic(topic: Any) -> None:
+    try:
+        check_local_topic(topic)
+    except ManifestError as exc:
+        raise ControlError("invalid", str(exc)) from None
 
 
 def _content_key(topic: str, sketch: Sketch, outcome: Mapping[str, Any], n: int, ttl: int) -> bytes:
@@ -204,8 +211,7 @@ class NodeService:
     async def _packet(
         self, topic: Any, vector: Any, outcome: Any, n: Any, ttl: Any
     ) -> tuple[OutcomePacket, list[bytes]]:
-        if not isinstance(topic, str):
-            raise ControlError("invalid", "topic: must be a string")
+        _check_topic(topic)
         if not isinstance(outcome, Mapping):
             raise ControlError("invalid", "outcome: must be a map of name -> value")
         for name, value in outcome.items():
@@ -332,6 +338,7 @@ class NodeService:
     async def query(self, topic: str, vector: list[float], k: int = 10) -> dict[str, Any]:
         if type(k) is not int or not 1 <= k <= MAX_K:
             raise ControlError("invalid", f"k: must be an integer in 1..{MAX_K}")
+        _check_topic(topic)
         try:
             unit = normalize(vector)
             sketch = quantize(unit)
@@ -363,10 +370,7 @@ class NodeService:
         if type(limit) is not int or not 1 <= limit <= MAX_LIMIT:
             raise ControlError("invalid", f"limit: must be an integer in 1..{MAX_LIMIT}")
         if topic is not None:
-            try:
-                check_topic(topic)  # as emit, query and watch: no such topic can exist
-            except ManifestError as exc:
-                raise ControlError("invalid", str(exc)) from None
+            _check_topic(topic)  # as emit, query and watch: no such topic can exist
         try:
             found = await trio.to_thread.run_sync(
                 lambda: self.store.recent(topic=topic, limit=limit, now_ms=wall_ms())
@@ -381,6 +385,7 @@ class NodeService:
     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """Subscribe on entry (before the server acknowledges), so nothing emitted
         after the ack is missed; the body iterates the events."""
+        _check_topic(topic)
         try:
             keys = self._watch_keys(topic, vector)
             query = quantize(normalize(vector)) if vector is not None else None

@@ -238,8 +238,9 @@ class CohortSynthesizer:
         if prev.listed:
             return len(set(cohort.members) - set(prev.parents))
         # Digested: only "the same members or not" can be told.
+        # (With max_parents 0 both sides are empty: the count alone tells.)
         same = (len(cohort.members) == prev.packets and bounded_parents(
-            cohort.members, self.settings.max_parents) == (prev.parents, True))
+            cohort.members, self.settings.max_parents)[0] == prev.parents)
         return 0 if same else max(1, len(cohort.members) - prev.packets)
 
     # -- consuming ---------------------------------------------------------------

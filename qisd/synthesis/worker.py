@@ -254,6 +254,11 @@ async def _pass(
             state.catch_up_failures += 1
             log.warning("synthesis could not re-read the store; again at the next pass",
                         error=f"{type(exc).__name__}: {exc}")
+            if state.rescan:
+                # Resumed cohorts wait for their members from this re-read: forgetting
+                # or drafting now would end the resume and re-synthesise them anew
+                # (a second series beside the old one, or a smaller one replacing it).
+                return
     now = now_ms()
     try:
         forget = getattr(synthesizer, "forget", None)
@@ -291,6 +296,12 @@ async def _resume(
         return
     try:
         previous = await trio.to_thread.run_sync(lambda: list(resume()))
+    except Exception as exc:  # the store's disk failed, say: not the plug-in's fault
+        state.catch_up_failures += 1
+        log.warning("synthesis could not read its own syntheses back; its cohorts "
+                    "start anew", error=f"{type(exc).__name__}: {exc}")
+        return
+    try:
         state.resumed = int(take(previous))
     except Exception:
         state.synthesizer_errors += 1

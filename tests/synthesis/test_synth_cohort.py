@@ -228,7 +228,7 @@ def cluster(seed: int, count: int) -> list[OutcomePacket]:
             for i in range(count)]
 
 
-@pytest.mark.parametrize("max_parents", [16, 2], ids=["listed", "digest"])
+@pytest.mark.parametrize("max_parents", [16, 2, 0], ids=["listed", "digest", "none"])
 def test_resume_takes_a_cohort_back_under_its_series(max_parents: int) -> None:
     cases = cluster(1, 6)
     before = CohortSynthesizer(settings(max_parents=max_parents))
@@ -350,7 +350,7 @@ def test_new_members_replacing_expired_ones_are_new(max_parents: int) -> None:
         1 for p in cases[2:] if p.outcome["survived"] is False)
 
 
-@pytest.mark.parametrize("max_parents", [16, 2], ids=["listed", "digest"])
+@pytest.mark.parametrize("max_parents", [16, 2, 0], ids=["listed", "digest", "none"])
 def test_a_resumed_cohort_whose_members_all_came_back_is_not_synthesised_again(
     max_parents: int,
 ) -> None:

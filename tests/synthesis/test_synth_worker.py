@@ -265,6 +265,51 @@ async def test_a_store_that_fails_to_read_is_read_again_at_the_next_pass() -> No
             await h.send.aclose()
 
 
+async def test_after_a_restart_a_failed_re_read_keeps_the_resume_open() -> None:
+    """Real clock. The resumed cohort waits for its members from the re-read: a
+    failed one must neither forget it nor draft, or the next read would synthesise
+    the same cases again."""
+    r = Restarted()
+
+    def read_store() -> list[OutcomePacket]:
+        if not r.reads:
+            r.reads.append(0)
+            raise OSError(5, "Input/output error")
+        return r.read_store()
+
+    h = Harness(catch_up=read_store, resume=r.own_syntheses, interval=0.05)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            state = await h.start(nursery)
+            while len(r.reads) < 2:
+                await state.wait_pass()
+            for _ in range(4):
+                await state.wait_pass()
+            assert (state.catch_up_failures, len(r.reads), h.published) == (1, 2, [])
+            await h.send.send(cluster(1, 7)[6])
+            while not h.published:
+                await state.wait_pass()
+            assert [(d.series, d.n) for d in h.published] == [(r.draft.series, 7)]
+            await h.send.aclose()
+
+
+async def test_own_syntheses_that_cannot_be_read_are_a_store_failure() -> None:
+    """Real clock. A disk error reading them back at start is counted as a failed
+    store read, not blamed on the plug-in; the worker goes on without a resume."""
+    r = Restarted()
+
+    def unreadable() -> list[OutcomePacket]:
+        raise OSError(5, "Input/output error")
+
+    h = Harness(catch_up=r.read_store, resume=unreadable, interval=0.05)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            state = await h.start(nursery)
+            await state.wait_pass()
+            assert (state.catch_up_failures, state.synthesizer_errors, state.resumed) == (1, 0, 0)
+            await h.send.aclose()
+
+
 class _Faulty:
     """A plug-in whose ready() breaks in one of the ways third-party code can."""
 
