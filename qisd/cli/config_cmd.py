@@ -28,7 +28,7 @@ config_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_FILE_HELP = (
+CONFIG_FILE_HELP = (
     "Config file (TOML). Default: $QISD_CONFIG, else $CONFIGURATION_DIRECTORY/qisd.toml"
     " under systemd, else none (embedded defaults)."
 )
@@ -62,7 +62,7 @@ def _describe(config: Config) -> str:
 
 @config_app.command("check")
 def check(
-    file: Annotated[Path | None, typer.Argument(help=_FILE_HELP, show_default=False)] = None,
+    file: Annotated[Path | None, typer.Argument(help=CONFIG_FILE_HELP, show_default=False)] = None,
 ) -> None:
     """Validate a config file and the QISD_* environment; exit 1 naming every problem."""
     try:
@@ -79,7 +79,7 @@ def check(
 @config_app.command("show", cls=JsonUsageCommand)
 def show(
     config_file: Annotated[
-        Path | None, typer.Option("--config", "-c", help=_FILE_HELP, show_default=False)
+        Path | None, typer.Option("--config", "-c", help=CONFIG_FILE_HELP, show_default=False)
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of TOML.")] = False,
 ) -> None:

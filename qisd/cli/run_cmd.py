@@ -10,13 +10,14 @@ from typing import Annotated
 
 import typer
 
+from qisd.cli.config_cmd import CONFIG_FILE_HELP
 from qisd.config import ConfigError, load_config
 
 
 def run(
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="Config file (TOML). Default: $QISD_CONFIG or none."),
+        typer.Option("--config", help=CONFIG_FILE_HELP),
     ] = None,
     state_dir: Annotated[
         str | None, typer.Option("--state-dir", help="State directory (key, store, peers).")
@@ -40,7 +41,7 @@ def run(
         str | None, typer.Option("--manifest", help="Swarm manifest file (TOML or msgpack).")
     ] = None,
     log_level: Annotated[
-        str | None, typer.Option("--log-level", help="debug, info, warning or error.")
+        str | None, typer.Option("--log-level", help="debug, info, warning, error or critical.")
     ] = None,
 ) -> None:
     """Run the qisd daemon (a single node until it is given peers)."""

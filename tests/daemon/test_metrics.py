@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 import time
@@ -17,13 +18,21 @@ from prometheus_client.parser import text_string_to_metric_families
 pytestmark = pytest.mark.slow
 
 
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+ROOT = Path(__file__).resolve().parents[2]
+#: How each family type is spelled where it is documented (as in the exposition).
+SUFFIX = {"counter": "_total", "info": "_info"}
+
+
+def page(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
-        text = resp.read().decode()
+        return resp.read().decode()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     samples = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(page(url)):
         for s in family.samples:
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return samples
@@ -69,6 +78,12 @@ def test_counters_move_after_emits_and_queries(workdir: Path, daemons: list[Daem
     # A bootstrapped node records when it last joined.
     b_metrics = scrape(b.status["metrics"])
     assert value(b_metrics, "qisd_bootstrap_last_success_timestamp_seconds") > 1.7e9
+    # Every metric served is in the README's list and the operations table.
+    docs = {name: (ROOT / name).read_text() for name in ("README.md", "docs/operations.md")}
+    for family in text_string_to_metric_families(page(url)):
+        documented = family.name + SUFFIX.get(family.type, "")
+        for name, text in docs.items():
+            assert re.search(f"`{documented}[`{{]", text), f"{documented} is not in {name}"
     # Everything is named by the conventions: qisd_ prefix, no per-peer labels.
     for name, labels in after:
         assert name.startswith("qisd_"), name
