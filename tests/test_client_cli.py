@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+import trio
 import typer
 from test_control import TIMEOUT, FakeAPI, serving, short_dir
 from typer.testing import CliRunner
 
 from qisd.cli.client_cmd import register
 from qisd.control.client import Client
-from qisd.control.errors import ControlError
+from qisd.control.errors import ControlError, DaemonNotRunning
 
 app = typer.Typer()
 register(app)
@@ -319,6 +320,57 @@ def test_watch_exits_0_on_ctrl_c(api: FakeAPI) -> None:
                     stream.close()
 
 
+class SlowEmitAPI(FakeAPI):
+    """Each emit_many waits a moment before it stores, so a run is caught mid-way."""
+
+    async def emit_many(self, *, items: list[dict[str, Any]]) -> dict[str, Any]:
+        await trio.sleep(0.3)
+        return await super().emit_many(items=items)
+
+
+def test_emit_file_ctrl_c_still_prints_what_was_stored() -> None:
+    """A real SIGINT mid-run: the summary comes with exit 130, every line before the
+    first not sent is stored or unconfirmed, and every id it reports was stored."""
+    code = ("import signal, sys, typer; signal.signal(signal.SIGINT, signal.default_int_handler);"
+            " from qisd.cli.client_cmd import register;"
+            " app = typer.Typer(); register(app); app(sys.argv[1:])")
+    lines = 5000  # five batches
+    api = SlowEmitAPI()
+    with serving(api) as (path, _):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, "emit", "--socket", str(path), "--file", "-",
+             "--json"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            out, err = "", ""
+            assert proc.stdin is not None
+            proc.stdin.write(_lines(lines))
+            proc.stdin.close()
+            proc.stdin = None  # written: communicate() below only reads
+            deadline = time.monotonic() + 10 * TIMEOUT
+            while not api.stored and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert api.stored, "no batch reached the daemon"
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=3 * TIMEOUT)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    summary = json.loads(out)
+    assert summary["error"] == {"code": "interrupted", "message": "stopped by Ctrl-C"}
+    first_unsent = summary["not_sent_from"]
+    assert 1000 < first_unsent <= lines
+    by_line = {r["line"]: r for r in summary["results"]}
+    assert sorted(by_line) == list(range(1, first_unsent))
+    stored = {p["id"] for p in api.stored}
+    accepted = [r["id"] for r in by_line.values() if "id" in r]
+    assert len(accepted) == summary["accepted"] >= 1000 and set(accepted) <= stored
+    assert all(r.get("unconfirmed") for r in by_line.values() if "id" not in r)
+    assert f"line {first_unsent} and after: not sent" in err
+
+
 def _readline(stream: IO[str] | None) -> str:
     assert stream is not None
     ready, _, _ = select.select([stream], [], [], TIMEOUT)
@@ -411,6 +463,19 @@ def test_emit_file_stopped_by_the_connection_prints_the_summary_so_far(
     assert sorted(by_line) == [1, 2, 3, 4, 5]
     assert by_line[1]["id"] == api.stored[2]["id"] and by_line[3]["id"] == api.stored[3]["id"]
     assert by_line[4]["unconfirmed"] is True and by_line[4]["error"]["code"] == code
+
+
+@pytest.mark.usefixtures("small_batches")
+def test_emit_file_whose_daemon_went_away_part_way_exits_1(
+    sock: str, api: FakeAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 2 says nothing was done; here the first batch was stored."""
+    _fail_on_call(monkeypatch, 2, DaemonNotRunning(Path(sock), "no control socket"))
+    result = run("emit", "--socket", sock, "--file", "-", "--json", input=_lines(5))
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert (summary["accepted"], summary["not_sent_from"]) == (2, 3)
+    assert summary["error"]["code"] == "not_running"
 
 
 class StorageFullAPI(FakeAPI):

@@ -337,9 +337,10 @@ def emit(
     With --file: one JSON object per line, {"topic", "vector", "outcome", "n"?, "ttl"?}.
 
     Rejected lines are named on stderr with the reason; a summary accepted=N rejected=M follows.
-    If the run stops part-way (the daemon went away, a timeout, a full disk), the summary
-    still comes: the lines stored with their ids, those sent without an answer (they may
-    or may not be stored), and the first line not sent.
+    If the run stops part-way (the daemon went away, a timeout, a full disk, Ctrl-C),
+    the summary still comes: the lines stored with their ids, those sent without an
+    answer (they may or may not be stored), and the first line not sent. Exit status
+    1, or 130 after Ctrl-C.
     """
     if file is not None:
         given = [name for name, v in (("--topic", topic), ("--vector", vector),

@@ -158,17 +158,26 @@ class _Tally:
                 "error": None if stop is None else stop.as_json(), "results": results}
 
 
+#: Why a run stopped on Ctrl-C (exit status 130, as a shell reports SIGINT).
+INTERRUPTED = Failure("interrupted", "stopped by Ctrl-C", 130)
+
+
 def emit_file(client: Client, fh: IO[bytes], as_json: bool) -> int:
     """Emit every line of ``fh`` in batches and print the summary; returns the exit
-    status (0 all stored, 1 some lines rejected or the run stopped, 2 no daemon)."""
+    status (0 all stored, 1 some lines rejected or the run stopped, 2 no daemon and
+    nothing sent, 130 Ctrl-C). A stopped run, Ctrl-C included, still prints the
+    summary: which lines were stored, which were sent without an answer, and the
+    first line not sent."""
     tally = _Tally()
     batch: list[tuple[int, dict[str, Any]]] = []
     size = 0
+    last_read = 0
+    answered = 0  # batches the daemon answered (or may have run)
 
     def flush() -> tuple[Failure, int | None] | None:
         """Send the batch; a failure that stops the run, with the first line not
         sent (None: all were sent)."""
-        nonlocal size
+        nonlocal size, answered
         if not batch:
             return None
         lines = [lineno for lineno, _ in batch]
@@ -177,7 +186,12 @@ def emit_file(client: Client, fh: IO[bytes], as_json: bool) -> int:
         size = 0
         try:
             results = client.emit_many(items)
+            answered += 1
+        except KeyboardInterrupt:  # the batch may or may not have reached the daemon
+            tally.unconfirm(lines, INTERRUPTED)
+            return INTERRUPTED, None
         except ControlError as exc:
+            answered += 1
             if exc.code not in _LINE_CODES and exc.code != "unavailable":
                 fail = failure(exc)
                 if exc.code in _UNSURE_CODES:
@@ -212,6 +226,7 @@ def emit_file(client: Client, fh: IO[bytes], as_json: bool) -> int:
     stopped: tuple[Failure, int | None] | None = None
     try:
         for lineno, obj, problem in numbered_lines(fh):
+            last_read = lineno
             if problem is None and not isinstance(obj, dict):
                 problem = "must be a JSON object"
             if problem is None:
@@ -249,14 +264,18 @@ def emit_file(client: Client, fh: IO[bytes], as_json: bool) -> int:
         else:
             warn(f"error: {unread.text}")
             stopped = stopped[0], exc.after + 1 if stopped[1] is None else stopped[1]
+    except KeyboardInterrupt:  # between batches: those read but not sent are not stored
+        stopped = INTERRUPTED, batch[0][0] if batch else last_read + 1
     else:
         if stopped is None:
             stopped = flush()
     stop, not_sent_from = stopped if stopped is not None else (None, None)
     _print_emit_summary(tally, stop, not_sent_from, as_json)
-    if stop is not None:
-        return stop.exit_code
-    return 1 if tally.rejected else 0
+    if stop is None:
+        return 1 if tally.rejected else 0
+    if stop.exit_code == 2 and (answered or tally.unconfirmed):
+        return 1  # the daemon went away part-way, after it had taken some lines
+    return stop.exit_code
 
 
 def _print_emit_summary(
