@@ -394,6 +394,17 @@ def test_resolve_socket_path(tmp_path: Path) -> None:
     assert resolve_socket_path(None, env={"QISD_SOCKET": "/e.sock"}) == Path("/e.sock")
     env = {"XDG_RUNTIME_DIR": str(tmp_path)}
     assert resolve_socket_path(None, env=env) == tmp_path / "qisd" / "qisd.sock"
+    # Where `qisd run` in the same environment binds: its state dir or config decide.
+    state = {"HOME": str(tmp_path), "QISD_STATE_DIR": str(tmp_path / "st")}
+    assert resolve_socket_path(None, env=state) == tmp_path / "st" / "qisd.sock"
+    config = tmp_path / "q.toml"
+    config.write_text('[node]\nsocket = "rel.sock"\n')
+    named = {"HOME": str(tmp_path), "QISD_CONFIG": str(config)}
+    assert resolve_socket_path(None, env=named) == tmp_path / "rel.sock"
+    # A config a daemon could not start on either: the default, not an error.
+    broken = {"HOME": str(tmp_path), "QISD_LOG_LEVEL": "loud"}
+    assert resolve_socket_path(None, env=broken) == (
+        tmp_path / ".local" / "state" / "qisd" / "qisd.sock")
 
 
 # -- round trips --------------------------------------------------------------------------

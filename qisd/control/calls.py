@@ -62,11 +62,13 @@ MAX_SOCKET_PATH_BYTES = 107
 def resolve_socket_path(
     socket_path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
 ) -> Path:
-    """``socket_path`` if given, else ``$QISD_SOCKET``, else where the daemon binds by
-    default (:func:`qisd.paths.default_socket_path`); if nothing is there but the
-    system service's socket exists, that one (an operator's shell has no
-    ``$RUNTIME_DIRECTORY``). An empty ``socket_path`` is a ValueError: ``Path("")``
-    would quietly mean the current directory."""
+    """``socket_path`` if given, else ``$QISD_SOCKET``, else where a daemon started in
+    this environment binds: its config (``$QISD_CONFIG`` and the other ``QISD_*``
+    variables, e.g. ``$QISD_STATE_DIR``) decides, as for ``qisd run``; with none of
+    them, the default (:func:`qisd.paths.default_socket_path`), or, if nothing is
+    there but the system service's socket exists, that one (an operator's shell has
+    no ``$RUNTIME_DIRECTORY``). An empty ``socket_path`` is a ValueError:
+    ``Path("")`` would quietly mean the current directory."""
     if socket_path is not None:
         if not os.fspath(socket_path):
             raise ValueError(
@@ -77,12 +79,29 @@ def resolve_socket_path(
     env = os.environ if env is None else env
     if env.get(SOCKET_ENV):
         return Path(env[SOCKET_ENV])
+    configured = _configured_socket(env)
+    if configured is not None:
+        return configured
     from qisd.paths import default_socket_path  # the daemon's own choice of default
 
     path = default_socket_path(env)
     if not path.exists() and SERVICE_SOCKET.exists():
         return SERVICE_SOCKET
     return path
+
+
+def _configured_socket(env: Mapping[str, str]) -> Path | None:
+    """The socket a daemon run with ``env`` binds, when ``QISD_*`` variables (or a
+    systemd configuration directory) configure it; None when they do not, or when
+    that config does not load (a daemon could not start on it either)."""
+    if not any(k.startswith("QISD_") for k in env) and "CONFIGURATION_DIRECTORY" not in env:
+        return None
+    from qisd.config import ConfigError, load_config  # only when there is one to read
+
+    try:
+        return load_config(env=env).resolved_socket()
+    except (ConfigError, OSError):
+        return None
 
 
 def _not_a_socket(path: Path) -> str | None:
