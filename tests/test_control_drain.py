@@ -68,8 +68,12 @@ async def test_a_drain_answers_requests_in_flight_and_closes_the_rest() -> None:
 
             drain.begin()
             await trio.testing.wait_all_tasks_blocked()
-            # Idle and watching connections are closed; the socket takes no one new.
+            # Idle connections are closed; a watch ends saying why, then is closed;
+            # the socket takes no one new.
             assert await idle.receive_some(4096) == b""
+            last = json.loads(await read_line(watching))
+            assert (last["id"], last["ok"], last["error"]["code"]) == ("w", False, "unavailable")
+            assert last["error"]["message"] == "the daemon is stopping; the watch ends here"
             assert await read_line(watching) == b""
             assert not await trio.Path(path).exists()
             waited = trio.Event()

@@ -377,7 +377,7 @@ def addresses_list(addresses: Any) -> list[str]:
 def watch_cut(path: Path) -> ConnectionError:
     """A watch whose connection closed without the daemon ending it."""
     return ConnectionError(
-        f"the daemon closed the watch ({path}) without ending it: it stopped, or this"
+        f"the daemon closed the watch ({path}) without ending it: it died or was killed, or this"
         " reader fell behind past the daemon's write deadline and was cut off; packets"
         " after the last event were not delivered here"
     )

@@ -65,10 +65,11 @@ Methods and params (types are JSON types; ``?`` marks optional, with its default
   client closes the connection. An event carries ``"missed": N`` when the client was
   too slow to take N packets since its previous event (its buffer was full). A
   watching connection takes no further requests; if the stream fails, a final error
-  reply with the watch's id ends it, and a stream that ends ends with the result
-  ``{"ended": true}``. A connection closed without either was cut: the daemon
-  stopped, or the client read so slowly that a write waited past the daemon's write
-  deadline (10 s); packets after the last event were not delivered to it. A watch
+  reply with the watch's id ends it (code ``unavailable`` when the daemon is
+  stopping), and a stream that ends ends with the result ``{"ended": true}``. A
+  connection closed without either was cut: the daemon died, or the client read so
+  slowly that a write waited past the daemon's write deadline (10 s); packets after
+  the last event were not delivered to it. A watch
   refused before its ack leaves the connection open for requests.
 
 Try it by hand (the socket is ``/run/qisd/qisd.sock`` under systemd; ``qisd status``

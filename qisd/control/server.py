@@ -137,7 +137,7 @@ class _Server:
         self.write_timeout = write_timeout
         self.idle_timeout = idle_timeout
         self._lingering = 0
-        self.watches = Watches(api, stats, self._too_large)
+        self.watches = Watches(api, stats, self._too_large, drain)
         self.uid = os.geteuid()
         self.gid = os.getegid()
 
@@ -234,7 +234,7 @@ class _Server:
                     await self._stopping(conn, decision)
                     return
                 elif decision.method in STREAMING_METHODS:
-                    if await self.watches.run(conn, decision, splitter):
+                    if await self.watches.run(conn, slot, decision, splitter):
                         return
                     continue  # refused before it began: the connection goes on
                 else:

@@ -14,11 +14,13 @@ import trio
 
 from qisd.control.api import ControlAPI, JSONDict, WatchStream
 from qisd.control.connection import Connection
+from qisd.control.drain import Drain, Slot
 from qisd.control.errors import ControlError
 from qisd.control.framing import LineSplitter, Overflow
 from qisd.control.protocol import (
     BAD_REQUEST,
     INTERNAL,
+    UNAVAILABLE,
     Request,
     encode_error,
     encode_event,
@@ -50,54 +52,74 @@ class Watches:
     """Runs watches for a server: its API, its request statistics, and its reply
     to an over-long line."""
 
-    def __init__(self, api: ControlAPI, stats: ControlStats, too_large: Callable[[], bytes]
-                 ) -> None:
+    def __init__(self, api: ControlAPI, stats: ControlStats, too_large: Callable[[], bytes],
+                 drain: Drain) -> None:
         self.api = api
         self.stats = stats
         self.too_large = too_large
+        self.drain = drain
 
-    async def run(self, conn: Connection, req: Request, splitter: LineSplitter) -> bool:
+    async def run(self, conn: Connection, slot: Slot, req: Request,
+                  splitter: LineSplitter) -> bool:
         """Run a watch on this connection; False if it was refused before its ack
         (the connection then takes requests again), True once it ran and ended."""
         began = trio.Event()
         ran: list[bool] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._input, conn, splitter, nursery.cancel_scope, began)
-            nursery.start_soon(self._output, conn, req, nursery.cancel_scope, began, ran)
+            with self.drain.streaming(slot) as stream:
+                await self._output(conn, req, stream, began, ran)
+            nursery.cancel_scope.cancel()
         return bool(ran)
 
     async def _output(
-        self, conn: Connection, req: Request, done: trio.CancelScope, began: trio.Event,
+        self, conn: Connection, req: Request, stream: trio.CancelScope, began: trio.Event,
         ran: list[bool],
     ) -> None:
-        """Ack, then one line per event, until the stream ends, fails, or the client
-        stops reading. The watch stream lives entirely in this task, so its own
-        cancel scopes (an async generator's nursery) nest properly."""
+        """Ack, then one line per event, until the stream ends, fails, the client
+        stops reading, or the daemon stops (``stream`` cancelled by its drain). The
+        watch stream lives entirely in this task, so its own cancel scopes (an async
+        generator's nursery) nest properly."""
         acked = False
         failure: ControlError | None = None
-        try:
-            async with _entered(self.api.watch(**req.params)) as events:
-                acked = await conn.send(encode_result(req.id, {"watching": req.params["topic"]}))
-                ran.append(True)  # acked, or the client is gone: either way it is over
-                began.set()
-                if acked:
-                    self.stats.record(req.method, "ok")
-                    async for event in events:
-                        if not await conn.send(encode_event(req.id, event)):
-                            break
-                    else:  # the stream ended: say so, or the client takes it for a cut
-                        await conn.send(encode_result(req.id, {"ended": True}))
-        except ControlError as exc:
-            failure = exc
-        except Exception as exc:
-            log.exception("control watch failed", topic=req.params["topic"])
-            failure = ControlError(INTERNAL, f"watch failed: {type(exc).__name__}: {exc}")
+        # A line cut off part-way by the drain: no last line may follow it.
+        mid_line = False
+
+        async def send(line: bytes) -> bool:
+            nonlocal mid_line
+            mid_line = True
+            sent = await conn.send(line)
+            mid_line = False
+            return sent
+
+        with stream:
+            try:
+                async with _entered(self.api.watch(**req.params)) as events:
+                    acked = await send(encode_result(req.id, {"watching": req.params["topic"]}))
+                    ran.append(True)  # acked, or the client is gone: either way it is over
+                    began.set()
+                    if acked:
+                        self.stats.record(req.method, "ok")
+                        async for event in events:
+                            if not await send(encode_event(req.id, event)):
+                                break
+                        else:  # the stream ended: say so, or the client takes it for a cut
+                            await send(encode_result(req.id, {"ended": True}))
+            except ControlError as exc:
+                failure = exc
+            except Exception as exc:
+                log.exception("control watch failed", topic=req.params["topic"])
+                failure = ControlError(INTERNAL, f"watch failed: {type(exc).__name__}: {exc}")
+        if stream.cancelled_caught:
+            if mid_line:
+                return  # the client sees the connection cut, as it was
+            failure = ControlError(UNAVAILABLE, "the daemon is stopping; the watch ends here"
+                                   if acked else "the daemon is stopping; the watch was not run")
         if failure is not None:
             if not acked:
                 self.stats.record(req.method, failure.code)
             if not await conn.send(encode_error(req.id, failure.code, failure.message)):
                 ran.append(True)  # the client is gone
-        done.cancel()
 
     async def _input(
         self, conn: Connection, splitter: LineSplitter, done: trio.CancelScope,

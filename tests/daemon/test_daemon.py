@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 from daemon_helpers import Daemon, cli, cli_json
 
+from qisd import Client
+from qisd.control.errors import ControlError
+
 pytestmark = pytest.mark.slow
 
 VEC_A = [0.9, 0.1, 0.3, -0.2, 0.5, 0.05, -0.4, 0.2]
@@ -147,6 +150,23 @@ def test_sd_notify_ready_then_stopping(workdir: Path, daemons: list[Daemon]) -> 
     ready = next(i for i, m in enumerate(d.messages) if "READY=1" in m)
     stopping = next(i for i, m in enumerate(d.messages) if "STOPPING=1" in m)
     assert ready < stopping
+
+
+def test_a_stopping_daemon_ends_open_watches_saying_so(
+    workdir: Path, daemons: list[Daemon]
+) -> None:
+    """SIGTERM: a watch gets a last line (code unavailable), not a cut connection
+    that looks like a reader left behind."""
+    d = Daemon(workdir, "sw").start()
+    daemons.append(d)
+    with Client(d.socket, timeout=30) as client, client.watch(topic="t") as events:
+        pid = client.emit(topic="t", vector=[1.0, 0.0], outcome={"a": 1})
+        assert next(iter(events))["id"] == pid
+        assert d.stop() == 0
+        with pytest.raises(ControlError) as info:
+            next(iter(events))
+    assert info.value.code == "unavailable"
+    assert info.value.message == "the daemon is stopping; the watch ends here"
 
 
 def test_second_daemon_on_same_state_dir_or_socket_fails(
