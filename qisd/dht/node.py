@@ -12,6 +12,7 @@ periodic upkeep in :mod:`qisd.dht.maintenance`. Use :func:`open_node`::
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -358,6 +359,8 @@ class DHTNode:
             for host, port in addrs:
                 nursery.start_soon(contact, host, port)
         nodes, _ = await self.lookup_nodes(self.me.id)
+        if nodes:  # saved now, not only every save_interval: a crash soon after
+            await state.save(self)  # a join would otherwise restart alone
         return nodes, failed
 
     async def _resolve(self, host: str, port: int) -> Address | str:
@@ -370,7 +373,7 @@ class DHTNode:
         else:
             if not self.reachable(ip):
                 return f"not an {mine} address (this node listens on {mine})"
-            return ip, port
+            return _no_peer_there(ip) or (ip, port)
         family = (
             trio.socket.AF_UNSPEC
             if self.dual_stack
@@ -382,7 +385,8 @@ class DHTNode:
             log.warning("bootstrap address does not resolve", host=host, port=port, error=str(exc))
             return f"does not resolve to an {mine} address ({exc.strerror or exc})"
         sockaddr = infos[0][4]
-        return normalize_ip(str(sockaddr[0])), int(sockaddr[1])
+        ip = normalize_ip(str(sockaddr[0]))
+        return _no_peer_there(ip) or (ip, int(sockaddr[1]))
 
     # -- stock values (see qisd.dht.stock) ---------------------------------------
 
@@ -474,3 +478,13 @@ async def open_node(
                 nursery.cancel_scope.cancel()
     finally:
         ep.close()
+
+
+def _no_peer_there(ip: str) -> str | None:
+    """Why ``ip`` cannot be a peer's address (not one host's), or None."""
+    addr = ipaddress.ip_address(ip)
+    if addr.is_unspecified:
+        return f"{ip} is the unspecified address, not a host's: give the peer's own address"
+    if addr.is_multicast or ip == "255.255.255.255":
+        return f"{ip} is a broadcast or multicast address, not one peer's"
+    return None

@@ -59,11 +59,18 @@ def test_odd_input_gets_named_answers(workdir: Path, daemons: list[Daemon]) -> N
         assert got[1]["id"] == same and got[1]["similarity"] > 0.9
 
         # Bootstrap addresses that cannot answer are named, each with its reason.
-        reply = client.bootstrap(["[::1]:4470", "127.0.0.1:9"])
+        # (Addresses that are no one host's are refused before anything is sent.)
+        reply = client.bootstrap(["[::1]:4470", "127.0.0.1:9", "0.0.0.0:4470",
+                                  "255.255.255.255:4470", "224.0.0.1:4470"])
         assert reply["contacted"] == 0
         assert {f["address"]: f["reason"] for f in reply["failed"]} == {
             "[::1]:4470": "not an IPv4 address (this node listens on IPv4)",
             "127.0.0.1:9": "no answer",
+            "0.0.0.0:4470": "0.0.0.0 is the unspecified address, not a host's: give the"
+                            " peer's own address",
+            "255.255.255.255:4470": "255.255.255.255 is a broadcast or multicast address,"
+                                    " not one peer's",
+            "224.0.0.1:4470": "224.0.0.1 is a broadcast or multicast address, not one peer's",
         }
         with pytest.raises(ControlError, match="port 0"):
             client.bootstrap(["127.0.0.1:0"])

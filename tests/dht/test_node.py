@@ -180,6 +180,9 @@ async def test_state_file_restores_contacts(tmp_path: Path) -> None:
         port = a.node.address[1]
         async with member(idb, tmp_path / "b") as b:
             await b.node.bootstrap([a.node.address])
+            # Saved at the join, not only every save_interval or at a clean stop: a
+            # node killed now still knows its contacts when it restarts.
+            assert (tmp_path / "b" / FILE_NAME).exists()
         saved = msgpack.unpackb((tmp_path / "b" / FILE_NAME).read_bytes(), raw=False)
         assert [c[0] for c in saved["contacts"]] == [ida.node_id]
         async with member(idb, tmp_path / "b") as b2:
