@@ -852,3 +852,19 @@ def test_packet_text_cannot_forge_lines_or_drive_the_terminal() -> None:
         assert "FAKE LINE" in text and "\\x0d\\x0aFAKE LINE" in text
         assert not any(line.startswith("FAKE") for line in text.splitlines())
     assert "ward=réa" in render.render_packets({"packets": [packet]})  # printable: as is
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+@pytest.mark.parametrize("command", [["status", "--json"], ["config", "show"], ["--help"],
+                                     ["identity", "--state-dir", "{tmp}", "--json"]])
+def test_output_to_a_full_disk_is_one_error_line(command: list[str], tmp_path: Path) -> None:
+    """Not a traceback (nor two: the JSON error written to the same full stdout)."""
+    args = [a.replace("{tmp}", str(tmp_path / "st")) for a in command]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "qisd", *args], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=60,
+                              env={**os.environ, "QISD_SOCKET": str(tmp_path / "none.sock")})
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == (
+        "error: cannot write the output: No space left on device")
+    assert "Traceback" not in proc.stderr

@@ -13,11 +13,15 @@ Each module exposes ``register(app)``. The daemon returns data and the CLI rende
 
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.metadata
-from typing import Annotated
+import sys
+from typing import Annotated, NoReturn
 
 import typer
+
+from qisd.cli.output import OutputError, silence_stdout, warn
 
 __all__ = ["app", "main"]
 
@@ -82,4 +86,22 @@ _register()
 
 def main() -> None:
     """Console script entry point (``qisd = "qisd.cli:main"``)."""
-    app(prog_name="qisd")
+    try:
+        app(prog_name="qisd")
+    except OutputError as exc:
+        _cannot_write(str(exc))
+    except OSError as exc:  # click's own output (--help, usage) to a full disk
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        _cannot_write(f"cannot write the output: {exc.strerror or exc}")
+
+
+#: Errors of a write that a full or failing disk gives (a closed pipe is EPIPE,
+#: which click and :func:`qisd.cli.output.echo` end quietly).
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+def _cannot_write(message: str) -> NoReturn:
+    warn(f"error: {message}")
+    silence_stdout()
+    sys.exit(1)

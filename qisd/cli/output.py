@@ -3,7 +3,9 @@
 * stdout: :func:`echo` / :func:`echo_json`. A reader that stops reading
   (``qisd watch --json | head -1``) ends the output quietly, as it does for
   well-behaved Unix tools: no traceback, no error line; the echo returns False so a
-  streaming command can stop, and the exit status is the command's own.
+  streaming command can stop, and the exit status is the command's own. Any other
+  failure to write (a full disk under ``> file``) raises :class:`OutputError`, which
+  the entry point prints as one ``error:`` line (exit 1).
 * failures: :func:`failure` turns an exception from the client into a
   :class:`Failure` (a code, a message, an exit status), and :func:`report` prints
   one: one ``error:`` line on stderr and, with ``--json``, also
@@ -27,8 +29,8 @@ import typer.core
 
 from qisd.control.errors import ControlError, ControlSocketError, DaemonNotRunning
 
-__all__ = ["LOCAL_CODES", "Failure", "JsonUsageCommand", "echo", "echo_json", "failure",
-           "report", "warn"]
+__all__ = ["LOCAL_CODES", "Failure", "JsonUsageCommand", "OutputError", "echo", "echo_json",
+           "failure", "report", "silence_stdout", "warn"]
 
 #: Error codes of failures the daemon did not report itself.
 LOCAL_CODES = {
@@ -74,7 +76,7 @@ def _message(exc: Exception) -> str:
     return str(format_message()) if callable(format_message) else str(exc)
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """Point the stdout fd at /dev/null, so the interpreter's last flush of what is
     still buffered does not fail again at exit."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -83,13 +85,25 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
+class OutputError(Exception):
+    """stdout cannot be written (not a closed pipe: a full disk, an I/O error).
+    Not an OSError, so the handlers of the daemon's errors do not take it for one
+    and try to print it on the same stdout."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(f"cannot write the output: {exc.strerror or exc}")
+
+
 def echo(text: str, *, nl: bool = True) -> bool:
     """Print ``text`` on stdout; False once the reader has closed it."""
     try:
         typer.echo(text, nl=nl)
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
         return False
+    except OSError as exc:
+        silence_stdout()
+        raise OutputError(exc) from None
     return True
 
 
@@ -100,8 +114,8 @@ def echo_json(value: Any) -> bool:
 
 
 def warn(text: str, *, nl: bool = True) -> None:
-    """A line on stderr (lost, quietly, if nobody reads stderr any more)."""
-    with contextlib.suppress(BrokenPipeError):
+    """A line on stderr (lost, quietly, if stderr cannot be written any more)."""
+    with contextlib.suppress(OSError):  # a closed pipe, a full disk: nowhere to say it
         typer.echo(text, err=True, nl=nl)
 
 
