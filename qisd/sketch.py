@@ -148,10 +148,11 @@ def make_sketch(vector: Sequence[float] | npt.ArrayLike) -> Sketch:
 
 
 def cosine(a: Sketch, b: Sketch) -> float:
-    """Cosine similarity of two sketches; 0.0 when their dimensions differ."""
+    """Cosine similarity of two sketches, in [-1, 1] (rounding can put the dot
+    product of two unit vectors a hair past it); 0.0 when their dimensions differ."""
     if a.dim != b.dim:
         return 0.0
-    return float(np.dot(a.to_array(), b.to_array()))
+    return min(1.0, max(-1.0, float(np.dot(a.to_array(), b.to_array()))))
 
 
 def cosine_many(query: Sketch, others: Sequence[Sketch]) -> FloatArray:
@@ -192,7 +193,8 @@ class SketchRows:
             self.nbytes += mat.nbytes + norms.nbytes
 
     def cosine(self, query: Sketch) -> FloatArray:
-        """Cosine of ``query`` against every row (0 for rows of another dimension)."""
+        """Cosine of ``query`` against every row, in [-1, 1] (0 for rows of another
+        dimension)."""
         out = np.zeros(self.count, dtype=np.float64)
         q = query.to_array()
         same = self._int8.get(query.dim)
@@ -202,4 +204,4 @@ class SketchRows:
         for i, dim, bits, data in self._other:
             if dim == query.dim:
                 out[i] = float(np.dot(q, Sketch(dim, bits, data).to_array()))
-        return out
+        return np.clip(out, -1.0, 1.0, out=out)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from qisd.fingerprint import LSH, hyperplane_block, hyperplanes, keys_for, probe_keys
 from qisd.manifest import Manifest, ManifestError, TopicParams
-from qisd.sketch import FingerprintError, normalize
+from qisd.sketch import FingerprintError, cosine, cosine_many, make_sketch, normalize
 
 SEED = bytes(range(32))
 MANIFEST = Manifest(seed=SEED)  # defaults: 8 tables x 4 bits
@@ -334,3 +334,15 @@ def test_bad_input_is_named() -> None:
         LSH(**{**common, "seed": b"x"}, bits=4)  # type: ignore[arg-type]
     with pytest.raises(FingerprintError, match="dim"):
         LSH(**{**common, "dim": 0}, bits=4)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dim", [2, 3, 64, 400])
+def test_similarity_never_passes_one(dim: int) -> None:
+    """A sketch against itself is often 1 + 2e-16 in floating point: reported as 1."""
+    rng = np.random.default_rng(dim)
+    for _ in range(100):
+        s = make_sketch(rng.normal(size=dim))
+        assert -1.0 <= cosine(s, s) <= 1.0
+        assert -1.0 <= cosine_many(s, [s])[0] <= 1.0
+        neg = make_sketch(-s.to_array())
+        assert -1.0 <= cosine(s, neg) <= 1.0 and -1.0 <= cosine_many(s, [neg])[0] <= 1.0
