@@ -213,8 +213,8 @@ def find_config_file(
 
 def _read_toml(file: Path) -> dict[str, Any]:
     try:
-        with file.open("rb") as fh:
-            return tomllib.load(fh)
+        # utf-8-sig: a leading BOM (as some editors write) is not part of the TOML.
+        return tomllib.loads(file.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"{file}: config file not found") from None
     except OSError as exc:

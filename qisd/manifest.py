@@ -463,7 +463,7 @@ def load_manifest(path: str | Path) -> Manifest:
         except ManifestError as exc:
             raise ManifestError(f"{path}: {exc}") from None
     try:
-        table = tomllib.loads(data.decode("utf-8"))
+        table = tomllib.loads(data.decode("utf-8-sig"))  # (a BOM, as some editors write)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ManifestError(f"{path}: not valid TOML ({exc})") from None
     if not table:

@@ -244,6 +244,10 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
     binary.write_bytes(b"[node]\nstate_dir = '\xff'\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(binary, env={})
+    # A byte-order mark and CRLF line ends (as some editors save) are read as TOML.
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b'\xef\xbb\xbf[node]\r\nlisten = "127.0.0.1:0"\r\n')
+    assert load_config(bom, env={}).node.listen == "127.0.0.1:0"
 
 
 @pytest.mark.parametrize(

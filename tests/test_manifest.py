@@ -187,6 +187,9 @@ def test_toml_file_with_defaults_and_overrides(tmp_path: Path) -> None:
     path.write_text('name = "lab"\nbits = 6\n\n[topics.demo]\ntables = 2\nbits = 3\n')
     m = load_manifest(path)
     assert m == Manifest(name="lab", bits=6, topics={"demo": TopicParams(2, 3)})
+    # As a Windows editor may save it: a byte-order mark and CRLF line ends.
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    assert load_manifest(path) == m
 
 
 @pytest.mark.parametrize("text", ["", "\n# nothing here\n"], ids=["empty", "comments"])
