@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import tomllib
 import types
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -98,12 +99,15 @@ def check_topic(topic: object) -> str:
 
 
 def check_local_topic(topic: object) -> str:
-    """A topic this node's own users may name (emit, query, watch, packets): the
-    wire rule of :func:`check_topic` and no whitespace at either end, since
-    ``"cancer "`` would be a topic of its own that a query for ``"cancer"`` never
-    meets. Packets from peers are held to the wire rule only, so one from a node
-    that allowed such a topic is still stored, routed and synthesised."""
-    name = check_topic(topic)
+    """A topic this node's own users may name (emit, query, watch, packets), as it
+    is to be used: in Unicode NFC, so ``café`` typed as one character or as ``e`` and
+    an accent is one topic; the wire rule of :func:`check_topic`; and no whitespace
+    at either end, since ``"cancer "`` would be a topic of its own that a query for
+    ``"cancer"`` never meets. Packets from peers are held to the wire rule only, so
+    one from a node that allowed such a topic is still stored, routed and
+    synthesised."""
+    check_topic(topic)  # first: normalize() wants a str
+    name = check_topic(unicodedata.normalize("NFC", str(topic)))
     if name != name.strip():
         raise _fail("topic", f"must not begin or end with whitespace: {name!r}")
     return name

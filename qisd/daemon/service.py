@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -43,11 +44,24 @@ MAX_WATCH_BITS = 8
 WATCH_RETRY_S = 3.0
 
 
-def _check_topic(topic: Any) -> None:
+def _check_topic(topic: Any) -> str:
+    """``topic`` as this node's packets carry it (NFC), or an ``invalid`` error."""
     try:
-        check_local_topic(topic)
+        return check_local_topic(topic)
     except ManifestError as exc:
         raise ControlError("invalid", str(exc)) from None
+
+
+def _nfc_names(outcome: Mapping[Any, Any]) -> dict[Any, Any]:
+    """``outcome`` with its field names in Unicode NFC (as topics), so one name
+    typed two ways is one field; both ways in one outcome is an error."""
+    out: dict[Any, Any] = {}
+    for name, value in outcome.items():
+        key = unicodedata.normalize("NFC", name) if isinstance(name, str) else name
+        if key in out:
+            raise ControlError("invalid", f"outcome.{key}: given twice, in two Unicode forms")
+        out[key] = value
+    return out
 
 
 def _content_key(topic: str, sketch: Sketch, outcome: Mapping[str, Any], n: int, ttl: int) -> bytes:
@@ -211,9 +225,10 @@ class NodeService:
     async def _packet(
         self, topic: Any, vector: Any, outcome: Any, n: Any, ttl: Any
     ) -> tuple[OutcomePacket, list[bytes]]:
-        _check_topic(topic)
+        topic = _check_topic(topic)
         if not isinstance(outcome, Mapping):
             raise ControlError("invalid", "outcome: must be a map of name -> value")
+        outcome = _nfc_names(outcome)
         for name, value in outcome.items():
             problem = isinstance(name, str) and carry_problem(name, value)
             if problem:
@@ -338,7 +353,7 @@ class NodeService:
     async def query(self, topic: str, vector: list[float], k: int = 10) -> dict[str, Any]:
         if type(k) is not int or not 1 <= k <= MAX_K:
             raise ControlError("invalid", f"k: must be an integer in 1..{MAX_K}")
-        _check_topic(topic)
+        topic = _check_topic(topic)
         try:
             unit = normalize(vector)
             sketch = quantize(unit)
@@ -370,7 +385,7 @@ class NodeService:
         if type(limit) is not int or not 1 <= limit <= MAX_LIMIT:
             raise ControlError("invalid", f"limit: must be an integer in 1..{MAX_LIMIT}")
         if topic is not None:
-            _check_topic(topic)  # as emit, query and watch: no such topic can exist
+            topic = _check_topic(topic)  # as emit, query and watch: no other can exist
         try:
             found = await trio.to_thread.run_sync(
                 lambda: self.store.recent(topic=topic, limit=limit, now_ms=wall_ms())
@@ -385,7 +400,7 @@ class NodeService:
     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """Subscribe on entry (before the server acknowledges), so nothing emitted
         after the ack is missed; the body iterates the events."""
-        _check_topic(topic)
+        topic = _check_topic(topic)
         try:
             keys = self._watch_keys(topic, vector)
             query = quantize(normalize(vector)) if vector is not None else None

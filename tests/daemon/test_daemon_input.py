@@ -27,6 +27,14 @@ def test_odd_input_gets_named_answers(workdir: Path, daemons: list[Daemon]) -> N
                 client.emit(topic="t", vector=[1.0, 0.0, 0.0], outcome={name: value})
             assert info.value.code == "invalid"
         client.emit(topic="t", vector=[1.0, 0.0, 0.0], outcome={"x" * 27: 1.5, "y" * 31: "ok"})
+        # One name typed two Unicode ways (e + accent, or é) is one topic, one field.
+        nfd, nfc = "cafe\u0301", "caf\u00e9"
+        pid = client.emit(topic=nfd, vector=[1.0, 0.0, 0.5], outcome={nfd: "x"})
+        (match,) = client.query(topic=nfc, vector=[1.0, 0.0, 0.5])["matches"]
+        assert (match["id"], match["outcome"]) == (pid, {nfc: "x"})
+        assert [p["id"] for p in client.packets(topic=nfd)] == [pid]
+        with pytest.raises(ControlError, match=f"outcome.{nfc}: given twice, in two Unicode"):
+            client.emit(topic="t", vector=[1.0, 0.0, 0.0], outcome={nfd: 1, nfc: 2})
         # A topic with whitespace at an end would be a topic of its own: refused in
         # every call that names one.
         for call in (
