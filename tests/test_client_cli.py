@@ -371,6 +371,33 @@ def test_emit_file_ctrl_c_still_prints_what_was_stored() -> None:
     assert f"line {first_unsent} and after: not sent" in err
 
 
+def test_emit_file_ctrl_c_while_answers_are_recorded_counts_every_line_once(
+    api: FakeAPI,
+) -> None:
+    """SIGINT lands while a batch's answers are recorded (batches of two; during the
+    third line's): it is held back until the batch is recorded, so lines 3 and 4 are
+    stored and said so, and line 5 is the first not sent."""
+    code = ("import os, signal, sys, typer; signal.signal(signal.SIGINT,"
+            " signal.default_int_handler); from qisd.cli import emit_file;"
+            " emit_file.EMIT_BATCH_ITEMS = 2; real = emit_file._Tally.accept;"
+            " calls = [];\n"
+            "def accept(self, lineno, result):\n"
+            "    calls.append(lineno)\n"
+            "    if len(calls) == 3: os.kill(os.getpid(), signal.SIGINT)\n"
+            "    real(self, lineno, result)\n"
+            "emit_file._Tally.accept = accept\n"
+            "from qisd.cli.client_cmd import register\n"
+            "app = typer.Typer(); register(app); app(sys.argv[1:])\n")
+    with serving(api) as (path, _):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, "emit", "--socket", str(path), "--file", "-",
+             "--json"], input=_lines(5), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["accepted"], summary["unconfirmed"], summary["not_sent_from"]) == (4, 0, 5)
+    assert [r["id"] for r in summary["results"]] == [p["id"] for p in api.stored]
+
+
 def _readline(stream: IO[str] | None) -> str:
     assert stream is not None
     ready, _, _ = select.select([stream], [], [], TIMEOUT)
@@ -409,9 +436,9 @@ def _lines(n: int) -> str:
 
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    from qisd.cli import client_files
+    from qisd.cli import emit_file
 
-    monkeypatch.setattr(client_files, "EMIT_BATCH_ITEMS", 2)
+    monkeypatch.setattr(emit_file, "EMIT_BATCH_ITEMS", 2)
 
 
 def _fail_on_call(monkeypatch: pytest.MonkeyPatch, number: int, exc: Exception) -> None:
@@ -822,7 +849,7 @@ class FailingReader:
 def test_emit_file_that_cannot_be_read_to_the_end_sends_what_it_read(
     api: FakeAPI, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from qisd.cli.client_files import emit_file
+    from qisd.cli.emit_file import emit_file
 
     with serving(api) as (path, _), Client(path, timeout=TIMEOUT) as client:
         status = emit_file(client, FailingReader(), True)  # type: ignore[arg-type]

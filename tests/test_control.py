@@ -32,7 +32,7 @@ import pytest
 import trio
 import trio.testing
 
-from qisd.control import protocol
+from qisd.control import calls, protocol
 from qisd.control.api import ControlAPI
 from qisd.control.async_client import AsyncClient
 from qisd.control.calls import resolve_socket_path
@@ -389,7 +389,7 @@ def test_peer_policy() -> None:
     assert not allowed(700, 1, (1, 2))
 
 
-def test_resolve_socket_path(tmp_path: Path) -> None:
+def test_resolve_socket_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_socket_path("/x/y.sock", env={}) == Path("/x/y.sock")
     assert resolve_socket_path(None, env={"QISD_SOCKET": "/e.sock"}) == Path("/e.sock")
     env = {"XDG_RUNTIME_DIR": str(tmp_path)}
@@ -401,6 +401,16 @@ def test_resolve_socket_path(tmp_path: Path) -> None:
     config.write_text('[node]\nsocket = "rel.sock"\n')
     named = {"HOME": str(tmp_path), "QISD_CONFIG": str(config)}
     assert resolve_socket_path(None, env=named) == tmp_path / "rel.sock"
+    # Variables that do not place the socket leave the default (and its fallback to
+    # the system service's socket) alone.
+    service = tmp_path / "run" / "qisd.sock"
+    service.parent.mkdir()
+    service.touch()
+    monkeypatch.setattr(calls, "SERVICE_SOCKET", service)
+    unrelated = {"HOME": str(tmp_path), "QISD_LOG_LEVEL": "debug"}
+    assert resolve_socket_path(None, env=unrelated) == service
+    assert resolve_socket_path(None, env=state) == tmp_path / "st" / "qisd.sock"
+    monkeypatch.undo()
     # A config a daemon could not start on either: the default, not an error.
     broken = {"HOME": str(tmp_path), "QISD_LOG_LEVEL": "loud"}
     assert resolve_socket_path(None, env=broken) == (

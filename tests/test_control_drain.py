@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -126,3 +128,43 @@ async def test_a_request_read_as_the_drain_begins_is_refused_not_lost(
             assert "stopping" in reply["error"]["message"]
             assert api.calls == []
             await stream.aclose()
+
+
+class BigEventAPI(FakeAPI):
+    """A watch whose one event is too big for a slow reader to take in time, and
+    whose cleanup takes a moment (the daemon's has checkpoints too)."""
+
+    @asynccontextmanager
+    async def watch(self, *, topic: str, vector: Any = None) -> AsyncIterator[Any]:
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            yield {"id": "0" * 32, "topic": topic, "pad": "x" * (4 << 20)}
+            await trio.sleep_forever()
+
+        stream = events()
+        try:
+            yield stream
+        finally:
+            await stream.aclose()
+            await trio.sleep(0.5)
+
+
+async def test_a_line_cut_part_way_is_never_followed_by_the_drains_last_line() -> None:
+    drain = Drain()
+    with short_dir() as tmp, trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            path: Path = await nursery.start(partial(
+                serve_control, tmp / "c.sock", BigEventAPI(), drain=drain, write_timeout=0.2))
+            reader = await trio.open_unix_socket(os.fspath(path))
+            await reader.send_all(req("w", "watch", topic="t"))
+            await trio.sleep(0.5)  # read nothing: the event's write stops part-way
+            drain.begin()  # while the watch cleans up
+            data = b""
+            with trio.move_on_after(3):
+                while chunk := await reader.receive_some(1 << 20):
+                    data += chunk
+            ack, _, rest = data.partition(b"\n")
+            assert json.loads(ack)["result"] == {"watching": "t"}
+            assert rest.startswith(b'{"v":1,"id":"w","event":')
+            assert b"\n" not in rest and b"unavailable" not in rest  # cut, nothing after
+            await reader.aclose()
+            nursery.cancel_scope.cancel()

@@ -4,8 +4,8 @@
 * ``manifest_cmd`` -- ``qisd manifest new`` / ``qisd manifest show``
 * ``run_cmd``    -- ``qisd run``, the daemon
 * ``client_cmd`` -- ``qisd status``, ``emit``, ``query``... talking to a running daemon
-  (``client_files``: their ``--file`` runs; ``render``: tables; ``output``: stdout,
-  stderr and how failures read)
+  (``client_files``, ``emit_file``: their ``--file`` runs; ``render``: tables;
+  ``output``: stdout, stderr and how failures read)
 
 Each module exposes ``register(app)``. The daemon returns data and the CLI renders it
 (a table, or the raw result with ``--json``), so commands stay thin.

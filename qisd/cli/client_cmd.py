@@ -21,7 +21,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from qisd.cli import render
-from qisd.cli.client_files import emit_file, open_lines, query_file
+from qisd.cli.client_files import open_lines, query_file
+from qisd.cli.emit_file import emit_file
 from qisd.cli.output import Failure, JsonUsageCommand, echo, echo_json, failure, report, warn
 from qisd.control.calls import SOCKET_ENV
 from qisd.control.client import Client

@@ -91,15 +91,20 @@ def resolve_socket_path(
 
 
 def _configured_socket(env: Mapping[str, str]) -> Path | None:
-    """The socket a daemon run with ``env`` binds, when ``QISD_*`` variables (or a
-    systemd configuration directory) configure it; None when they do not, or when
-    that config does not load (a daemon could not start on it either)."""
+    """The socket a daemon run with ``env`` binds, when its config (``QISD_*``
+    variables, the file they or systemd name) sets ``node.socket`` or
+    ``node.state_dir``; None when it sets neither (the default applies, and with it
+    the fallback to the system service's socket), or when it does not load (a
+    daemon could not start on it either)."""
     if not any(k.startswith("QISD_") for k in env) and "CONFIGURATION_DIRECTORY" not in env:
         return None
     from qisd.config import ConfigError, load_config  # only when there is one to read
 
     try:
-        return load_config(env=env).resolved_socket()
+        config = load_config(env=env)
+        if not {"node.socket", "node.state_dir"} & config.sources.keys():
+            return None
+        return config.resolved_socket()
     except (ConfigError, OSError):
         return None
 

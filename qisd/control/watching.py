@@ -82,14 +82,15 @@ class Watches:
         generator's nursery) nest properly."""
         acked = False
         failure: ControlError | None = None
-        # A line cut off part-way by the drain: no last line may follow it.
-        mid_line = False
+        # A line that may be cut off part-way (its write stopped by the drain, or
+        # past the write deadline): no last line may follow it.
+        cut = False
 
         async def send(line: bytes) -> bool:
-            nonlocal mid_line
-            mid_line = True
+            nonlocal cut
+            cut = True
             sent = await conn.send(line)
-            mid_line = False
+            cut = not sent
             return sent
 
         with stream:
@@ -110,9 +111,9 @@ class Watches:
             except Exception as exc:
                 log.exception("control watch failed", topic=req.params["topic"])
                 failure = ControlError(INTERNAL, f"watch failed: {type(exc).__name__}: {exc}")
+        if cut:
+            return  # the client sees the connection cut, as it was
         if stream.cancelled_caught:
-            if mid_line:
-                return  # the client sees the connection cut, as it was
             failure = ControlError(UNAVAILABLE, "the daemon is stopping; the watch ends here"
                                    if acked else "the daemon is stopping; the watch was not run")
         if failure is not None:

@@ -36,6 +36,9 @@ CATCH_UP_BATCH = 500
 #: Longest wait, after resuming, for the routing table to settle before the store
 #: is re-read (who is primary for a packet depends on it).
 SETTLE_WAIT_S = 60.0
+#: Failed re-reads after a restart that hold synthesis back (the resumed cohorts
+#: wait for their members); past them the resume is given up and synthesis goes on.
+RESCAN_TRIES = 5
 
 
 class CarriesPacket(Protocol):
@@ -90,6 +93,7 @@ class WorkerState:
     #: re-read for them (see ``resume`` in :func:`run_worker`).
     resumed: int = 0
     rescan: bool = False
+    rescan_failures: int = 0
     synthesizer: Synthesizer | None = None
     receive: trio.abc.ReceiveChannel[Any] | None = None
     _seen: OrderedDict[bytes, None] = field(default_factory=OrderedDict, repr=False)
@@ -255,10 +259,18 @@ async def _pass(
             log.warning("synthesis could not re-read the store; again at the next pass",
                         error=f"{type(exc).__name__}: {exc}")
             if state.rescan:
-                # Resumed cohorts wait for their members from this re-read: forgetting
-                # or drafting now would end the resume and re-synthesise them anew
-                # (a second series beside the old one, or a smaller one replacing it).
-                return
+                state.rescan_failures += 1
+                if state.rescan_failures < RESCAN_TRIES:
+                    # Resumed cohorts wait for their members from this re-read:
+                    # forgetting or drafting now would end the resume and synthesise
+                    # them anew (a second series beside the old one, or a smaller one
+                    # replacing it). A few passes, not for ever: a store that cannot
+                    # be read must not stop synthesis of what is delivered.
+                    return
+                state.rescan = False
+                log.warning("synthesis gave up re-reading the store for its resumed"
+                            " cohorts; those whose members do not come back by delivery"
+                            " may be synthesised again", tries=state.rescan_failures)
     now = now_ms()
     try:
         forget = getattr(synthesizer, "forget", None)

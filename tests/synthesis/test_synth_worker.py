@@ -23,6 +23,7 @@ from qisd.synthesis import (
     WorkerState,
     run_worker,
 )
+from qisd.synthesis.worker import RESCAN_TRIES
 
 INTERVAL = 2.0
 
@@ -290,6 +291,28 @@ async def test_after_a_restart_a_failed_re_read_keeps_the_resume_open() -> None:
             while not h.published:
                 await state.wait_pass()
             assert [(d.series, d.n) for d in h.published] == [(r.draft.series, 7)]
+            await h.send.aclose()
+
+
+async def test_a_store_that_never_reads_holds_synthesis_back_only_a_few_passes() -> None:
+    """Real clock. The resume waits for a re-read, but not for ever: a store that
+    cannot be read must not stop the synthesis of what is delivered."""
+    r = Restarted()
+
+    def unreadable() -> list[OutcomePacket]:
+        raise OSError(5, "Input/output error")
+
+    h = Harness(catch_up=unreadable, resume=r.own_syntheses, interval=0.05)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            state = await h.start(nursery)
+            fresh = cluster(2, 5)
+            for p in fresh:
+                await h.send.send(p)
+            while not h.published:
+                await state.wait_pass()
+            assert state.catch_up_failures == RESCAN_TRIES and not state.rescan
+            assert [d.n for d in h.published] == [5]
             await h.send.aclose()
 
 
