@@ -355,3 +355,10 @@ def test_a_topic_with_whitespace_at_an_end_is_refused_locally_but_keyed_for_peer
         with pytest.raises(ManifestError, match="topic: must not begin or end with whitespace"):
             check_local_topic(topic)
     assert check_local_topic("two words") == "two words"
+    # NFC is what is kept and sent, so its length is the one that counts.
+    assert check_local_topic("e\u0301" * 32) == "\u00e9" * 32  # 96 bytes typed, 64 kept
+    # A manifest's per-topic shape must be reachable by the names users can give.
+    for topic, problem in (("sepsis ", "must not begin or end with whitespace"),
+                           ("cafe\u0301", "must be written in Unicode NFC, as 'caf\u00e9'")):
+        with pytest.raises(ManifestError, match=problem):
+            Manifest(topics={topic: TopicParams(2, 3)})

@@ -112,6 +112,8 @@ class DHTNode:
         self.handoff_send, self.handoff_recv = trio.open_memory_channel[Node](config.handoff_queue)
         self.thread_limiter = trio.CapacityLimiter(config.store_threads)
         self.state_file = state_dir / state.FILE_NAME if state_dir is not None else None
+        #: One save of the state file at a time (they share its temporary file).
+        self.state_lock = trio.Lock()
         self._v6 = ":" in host
         #: One socket for IPv4 and IPv6 peers (bound to ``::``; see qisd.dht.udp).
         self.dual_stack = endpoint.dual_stack

@@ -14,6 +14,7 @@ open swarm it enters the table at once, in a closed one only after proving its k
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -79,12 +80,16 @@ async def load(node: DHTNode) -> list[Node]:
 
 
 async def save(node: DHTNode) -> None:
-    """Write the table atomically; an empty table does not overwrite a saved one."""
+    """Write the table atomically, one save at a time; an empty table does not
+    overwrite a saved one."""
     path = node.state_file
     if path is None or len(node.table) == 0:
         return
-    data = pack({**node.table.to_state(), SWARM_FIELD: node.manifest.swarm_id})
+    async with node.state_lock:  # a join's save and the periodic one may meet
+        await _write(path, pack({**node.table.to_state(), SWARM_FIELD: node.manifest.swarm_id}))
 
+
+async def _write(path: Path, data: bytes) -> None:
     def write() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
