@@ -950,6 +950,25 @@ def test_other_users_are_forbidden() -> None:
         assert stats.statistics().connections_forbidden == 1
 
 
+def test_a_member_by_the_kernels_record_is_let_in() -> None:
+    """The daemon's group among the peer's groups as the kernel recorded them at
+    connect (SO_PEERGROUPS), though the user database does not list uid 65534 in it:
+    what a daemon under systemd's PrivateUsers=yes sees of a member of its group."""
+    probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+             "s.sendall(b'{\"v\":1,\"id\":1,\"method\":\"status\"}\\n');"
+             "print(s.makefile().readline())")
+    with serving(FakeAPI()) as (path, stats):
+        os.chmod(path.parent, 0o755)
+        os.chmod(path, 0o666)
+        out = subprocess.run(
+            ["/usr/bin/python3", "-I", "-S", "-c", probe, os.fspath(path)],
+            user=65534, group=65534, extra_groups=[os.getegid()], cwd="/",
+            capture_output=True, timeout=TIMEOUT, check=True,
+        )
+        assert json.loads(out.stdout)["ok"] is True
+        assert stats.statistics().connections_forbidden == 0
+
+
 def test_documented_one_liner_works() -> None:
     """The python3 example in the protocol docstring, run as a user would type it."""
     doc = protocol.__doc__ or ""

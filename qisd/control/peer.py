@@ -3,11 +3,18 @@
 The socket file is mode 0660, so the filesystem already keeps others out; checking
 ``SO_PEERCRED`` as well keeps them out when an operator loosens the mode or the
 directory by mistake. Allowed: root, the daemon's own uid, and members of the
-daemon's group (primary or supplementary, as the user database says).
+daemon's group: primary or supplementary, as the kernel recorded them at connect
+(``SO_PEERGROUPS``) or, where it cannot say, as the user database says.
+
+The kernel's word comes first because a sandboxed daemon (systemd's
+``PrivateUsers=yes``) sees every user but root and its own as uid 65534, whose
+database entry says nothing of the real user's groups; the daemon's group, though,
+is mapped into its namespace, so a member's connection carries it.
 """
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
@@ -17,10 +24,14 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 __all__ = ["PeerCredentials", "describe_policy", "groups_of_uid", "needs_group_lookup",
-           "peer_allowed",
-           "read_peer_credentials"]
+           "peer_allowed", "read_peer_credentials", "read_peer_groups"]
 
 _UCRED = struct.Struct("=iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+#: Linux's SO_PEERGROUPS (since 4.13; Python's socket module does not name it).
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+#: Bytes asked for first (256 groups); more if the kernel says they do not fit.
+_GROUPS_BUF = 1024
+_MAX_GROUPS_BUF = 65536 * 4  # NGROUPS_MAX gid_t values
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,22 @@ def read_peer_credentials(sock: socket.socket) -> PeerCredentials:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
     return PeerCredentials(pid, uid, gid)
+
+
+def read_peer_groups(sock: socket.socket) -> list[int]:
+    """The supplementary groups the kernel recorded for the peer at connect time;
+    empty where it cannot say (not Linux, an old kernel)."""
+    size = _GROUPS_BUF
+    while size <= _MAX_GROUPS_BUF:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                size *= 4
+                continue
+            return []
+        return list(struct.unpack(f"={len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    return []
 
 
 def needs_group_lookup(cred: PeerCredentials, *, daemon_uid: int, daemon_gid: int) -> bool:
