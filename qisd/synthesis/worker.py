@@ -182,7 +182,8 @@ async def run_worker(
     ``resume`` gives this node's own live syntheses from before a restart: a
     synthesizer with a ``resume(packets)`` method takes its cohorts back from them
     (the default one does), and the first pass then re-reads the store through
-    ``catch_up``, so its next syntheses supersede the old ones. That pass waits for
+    ``catch_up`` (resumed cohorts or not: cases stored in no synthesis yet count
+    too), so its next syntheses supersede the old ones. That pass waits for
     ``settle`` (at most :data:`SETTLE_WAIT_S`): the store's packets are judged
     primary or not by the routing table, which right after a start may still be
     empty or stale (deliveries wait in the channel meanwhile; if it fills, the
@@ -319,8 +320,11 @@ async def _resume(
         state.synthesizer_errors += 1
         log.exception("synthesizer resume failed")
         return
+    # The store is read again at start whether cohorts were resumed or not: cases
+    # stored before the restart and in no synthesis yet (a cohort still under the
+    # minimum) must count as they would have without it.
+    state.rescan = True
     if state.resumed:
-        state.rescan = True
         log.info("synthesis resumed its cohorts", syntheses=len(previous),
                  cohorts=state.resumed)
 

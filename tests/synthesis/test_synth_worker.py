@@ -220,6 +220,28 @@ async def test_after_a_restart_the_store_is_read_again_once() -> None:
             await h.send.aclose()
 
 
+async def test_after_a_restart_stored_cases_in_no_synthesis_count() -> None:
+    """Real clock. Four cases (under the minimum of five) were stored before the
+    restart and nothing was synthesised: the re-read at start takes them, so the
+    fifth, delivered after it, completes the cohort as without a restart."""
+    held = cluster(1, 5)
+    reads: list[int] = []
+
+    def read_store() -> list[OutcomePacket]:
+        reads.append(1)
+        return held[:4]
+
+    h = Harness(catch_up=read_store, resume=list, interval=0.05)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            state = await h.start(nursery)
+            await h.send.send(held[4])
+            while not h.published:
+                await state.wait_pass()
+            assert len(reads) == 1 and [d.n for d in h.published] == [5]
+            await h.send.aclose()
+
+
 async def test_after_a_restart_the_store_waits_for_the_routing_table_to_settle() -> None:
     """Who is primary for a stored packet depends on the routing table: right after a
     start it may be empty (every packet would look like ours) or stale, so the
