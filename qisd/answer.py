@@ -18,8 +18,11 @@ No case is counted twice:
   (``support.covered``): its case is inside the synthesis, weighed there by the
   synthesis's similarity.
 * A synthesis of more packets than it can list names its parents by one digest,
-  which no subset can be checked against. Its members are presumed to be the
-  observations found that were created before it (give or take
+  which no subset can be checked against; two syntheses with the same digest (two
+  nodes' syntheses of the very same packets, as after a join moves them to another
+  primary) are one set of cases, and only one is used (``support.overlapping``).
+  Its members are presumed to be the observations found that were created before
+  it (give or take
   :data:`CLOCK_SKEW_MS`: their origins' clocks are not the synthesising node's) and
   are at least :data:`PRESUMED_SIMILARITY` alike to its centroid (a cohort's members are within
   the synthesizer's similarity of its centroid, 0.9 by default), the most similar
@@ -108,6 +111,7 @@ def answer_query(matches: Sequence[tuple[float, OutcomePacket]], *, k: int) -> d
     superseded = sum(1 for sim, p in top if p.kind == KIND_SYNTHESIS) - undecodable - len(latest)
 
     claimed: set[bytes] = set()
+    digests: set[tuple[str, bytes]] = set()
     syntheses: list[_Synthesis] = []
     overlapping = 0
     for syn in sorted(latest.values(),
@@ -118,6 +122,14 @@ def answer_query(matches: Sequence[tuple[float, OutcomePacket]], *, k: int) -> d
                 overlapping += 1
                 continue
             claimed |= parents
+        elif syn.packet.parents:
+            # One digest, one member set: another node's synthesis of the very same
+            # packets (it became their primary after a join) is the same cases.
+            digest = (syn.packet.topic, syn.packet.parents[0])
+            if digest in digests:
+                overlapping += 1
+                continue
+            digests.add(digest)
         syntheses.append(syn)
 
     presumed = _presumed_members(syntheses, observations, claimed)

@@ -93,6 +93,23 @@ def test_members_of_a_digested_synthesis_are_presumed_inside_it() -> None:
     assert support["cases"] == 12 and support["observations"] == 0
 
 
+def test_two_nodes_digested_syntheses_of_the_same_packets_count_once() -> None:
+    """After a join moves packets to a new primary, it synthesises them again under
+    its own series: with listed parents the overlap shows, and with one digest the
+    same digest says the same member set."""
+    members, synthesis = cohort_and_synthesis(count=6, max_parents=4)
+    again = create_packet(
+        KEYS[6], swarm=SWARM, topic="t", sketch=synthesis.sketch, n=synthesis.n,
+        ttl_s=60, kind=KIND_SYNTHESIS, outcome=synthesis.outcome, series=b"\x01" * 16,
+        parents=synthesis.parents, created_ms=synthesis.created_ms + 5000,
+    )
+    answer = answer_query([(0.9, synthesis), (0.9, again)] + [(0.9, m) for m in members],
+                          k=10)
+    support = answer["support"]
+    assert support["syntheses"] == 1 and support["overlapping"] == 1
+    assert support["cases"] == synthesis.n and support["presumed_covered"] == 6
+
+
 def test_presumed_members_are_alike_older_and_no_more_than_it_holds() -> None:
     members, synthesis = cohort_and_synthesis(count=6, max_parents=4)
     rng = np.random.default_rng(7)
