@@ -17,7 +17,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /src
 RUN python -m venv /opt/qisd
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY qisd ./qisd
 RUN /opt/qisd/bin/pip install --no-cache-dir . \
     && /opt/qisd/bin/qisd --version

@@ -1,5 +1,5 @@
-"""Prometheus metrics: a collector over the layers' ``statistics()`` snapshots, and a
-small trio HTTP server for ``GET /metrics``.
+"""Prometheus metrics: a collector over the layers' ``statistics()`` snapshots, and
+:func:`scrape`, the exposition (served over HTTP by :mod:`qisd.metrics_http`).
 
 Nothing is computed at scrape time beyond copying: each family is read from a
 snapshot the layer keeps (DHT counters and histograms, store totals, control
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from qisd.store import StoreStats
 
 log = structlog.get_logger("qisd.metrics")
-MAX_REQUEST_HEAD = 8192
 
 
 def _histogram(name: str, doc: str, h: Histogram, labels: dict[str, str] | None = None,
@@ -213,69 +212,6 @@ def make_registry(service: NodeService) -> tuple[CollectorRegistry, QisdCollecto
     return registry, collector
 
 
-async def serve_metrics(
-    address: tuple[str, int],
-    service: NodeService,
-    *,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``GET /metrics`` on ``address``; ``started`` with the URL actually bound."""
-    registry, collector = make_registry(service)
-    host, port = address
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()
-    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    url = f"http://{shown}:{bound[1]}/metrics"
-
-    async def handle(stream: trio.SocketStream) -> None:
-        # One scraper's connection, whatever becomes of it (a reset, a bug met by
-        # its request), never ends the daemon.
-        try:
-            async with stream:
-                with trio.move_on_after(10):
-                    await _answer(stream, registry, collector)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the scraper went away (a reset: port scanners, health checks)
-        except Exception:
-            log.exception("metrics request failed")
-
-    task_status.started(url)
-    await trio.serve_listeners(handle, listeners)
-
-
-async def _answer(
-    stream: trio.SocketStream, registry: CollectorRegistry, collector: QisdCollector
-) -> None:
-    head = b""
-    while b"\r\n\r\n" not in head and b"\n\n" not in head:
-        chunk = await stream.receive_some(4096)
-        if not chunk:
-            return
-        head += chunk
-        if len(head) > MAX_REQUEST_HEAD:
-            await _reply(stream, 431, b"request head too large\n")
-            return
-    line = head.split(b"\n", 1)[0].decode("latin-1").strip().split()
-    if len(line) != 3 or not line[2].startswith("HTTP/") or not line[1].startswith("/"):
-        await _reply(stream, 400, b"not an HTTP request line; GET /metrics\n")
-        return
-    if line[0] not in ("GET", "HEAD"):
-        await _reply(stream, 405, b"only GET /metrics\n")
-        return
-    path = line[1].split("?", 1)[0]
-    if path not in ("/metrics", "/"):
-        await _reply(stream, 404, b"see /metrics\n")
-        return
-    try:
-        body = await scrape(registry, collector)
-    except Exception as exc:
-        log.exception("metrics collection failed")
-        await _reply(stream, 500, f"metrics collection failed: {exc}\n".encode())
-        return
-    await _reply(stream, 200, body if line[0] == "GET" else b"",
-                 content_type="text/plain; version=0.0.4; charset=utf-8", length=len(body))
-
-
 async def scrape(registry: CollectorRegistry, collector: QisdCollector) -> bytes:
     """The exposition: the store's totals read in a worker thread (SQLite), the rest
     on the trio thread, as the snapshots read trio-owned counters."""
@@ -288,18 +224,3 @@ async def scrape(registry: CollectorRegistry, collector: QisdCollector) -> bytes
                     code=exc.code, error=str(exc))
         collector.store_stats = None
     return bytes(generate_latest(registry))
-
-
-async def _reply(stream: trio.SocketStream, status: int, body: bytes, *,
-                 content_type: str = "text/plain; charset=utf-8",
-                 length: int | None = None) -> None:
-    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-              431: "Too Large",
-              500: "Internal Server Error"}[status]
-    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body) if length is None else length}\r\n"
-            "Connection: close\r\n\r\n").encode()
-    try:
-        await stream.send_all(head + body)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass

@@ -37,7 +37,7 @@ from qisd.dht.ratelimit import RateLimits
 from qisd.dht.routing import SubnetPolicy
 from qisd.identity import KEY_FILE_NAME, Identity
 from qisd.manifest import DEFAULT_MANIFEST, Manifest, load_manifest
-from qisd.metrics import serve_metrics
+from qisd.metrics_http import serve_metrics
 from qisd.store import PacketStore
 
 log = structlog.get_logger("qisd.daemon")

@@ -15,6 +15,8 @@ import pytest
 from daemon_helpers import Daemon, cli_json
 from prometheus_client.parser import text_string_to_metric_families
 
+from qisd.metrics_http import MAX_CONNECTIONS
+
 pytestmark = pytest.mark.slow
 
 
@@ -101,10 +103,14 @@ def test_unknown_path_is_404(workdir: Path, daemons: list[Daemon]) -> None:
     # A request that is not HTTP is told so (400); another method, 405.
     host, port = base.removeprefix("http://").rsplit(":", 1)
     for request, status in ((b"hello there\r\n\r\n", b"400"), (b"\r\n\r\n", b"400"),
-                            (b"POST /metrics HTTP/1.1\r\n\r\n", b"405")):
+                            (b"POST /metrics HTTP/1.1\r\n\r\n", b"405"),
+                            (b"GET http://x/metrics HTTP/1.1\r\n\r\n", b"200")):
         with socket.create_connection((host, int(port)), timeout=10) as conn:
             conn.sendall(request)
-            assert conn.recv(64).split()[1] == status, request
+            reply = conn.recv(4096)
+            assert reply.split()[1] == status, request
+            if status == b"405":
+                assert b"\r\nAllow: GET, HEAD\r\n" in reply
     # A scraper that resets its connection (port scanners, some health checks) is
     # nothing to the daemon: it keeps serving.
     for request in (b"", b"GET /metr"):
@@ -115,3 +121,32 @@ def test_unknown_path_is_404(workdir: Path, daemons: list[Daemon]) -> None:
     assert d.proc is not None and d.proc.poll() is None
     with urllib.request.urlopen(d.status["metrics"], timeout=10) as resp:
         assert resp.status == 200
+
+
+def test_idle_scrapers_cannot_take_the_daemons_descriptors(
+    workdir: Path, daemons: list[Daemon]
+) -> None:
+    """Connections past the cap are closed at once (before, each was held 10 s with
+    no bound: enough of them ran the daemon out of file descriptors)."""
+    d = Daemon(workdir, "mcap").start()
+    daemons.append(d)
+    host, port = d.status["metrics"].removeprefix("http://").split("/")[0].rsplit(":", 1)
+    held = [socket.create_connection((host, int(port)), timeout=10)
+            for _ in range(MAX_CONNECTIONS)]
+    try:
+        for conn in held:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the blank line
+        time.sleep(0.5)
+        with socket.create_connection((host, int(port)), timeout=10) as extra:
+            extra.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            try:  # closed at once (a reset, its request unread): the cap is reached
+                assert extra.recv(64) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for conn in held:
+            conn.close()
+    time.sleep(0.5)
+    with urllib.request.urlopen(d.status["metrics"], timeout=10) as resp:
+        assert resp.status == 200
+    assert cli_json("status", socket_path=d.socket)["node_id"]
