@@ -19,9 +19,14 @@ from kademlia.node import Node
 from qisd.config import Config
 from qisd.dht.api import Delivery
 from qisd.fingerprint import keys_for
-from qisd.packet import KIND_SYNTHESIS, OutcomePacket, create_packet, wall_ms
+from qisd.packet import KIND_SYNTHESIS, OutcomePacket, PacketError, create_packet, wall_ms
 from qisd.sketch import quantize
-from qisd.synthesis.base import SynthesisDraft, SynthesizerSettings, load_synthesizer
+from qisd.synthesis.base import (
+    SynthesisDraft,
+    SynthesizerSettings,
+    bounded_parents,
+    load_synthesizer,
+)
 from qisd.synthesis.worker import WorkerState, run_worker
 
 if TYPE_CHECKING:
@@ -39,24 +44,42 @@ def is_primary(service: NodeService, packet: OutcomePacket) -> bool:
 
 
 async def publish_draft(service: NodeService, draft: SynthesisDraft) -> None:
+    """Sign ``draft`` and put it in the swarm. A draft too large for the swarm's
+    packet cap (a high-dimensional centroid and listed parents, say) is made smaller
+    step by step rather than dropped: its listed parents become their digest, then
+    its sketch takes 4 bits a dimension. Raises PacketError if even that is too
+    large."""
     manifest = service.manifest
     ttl_s = manifest.ttl_default_s
     if draft.expires_ms is not None:
         ttl_s = max(1, min(ttl_s, (draft.expires_ms - wall_ms()) // 1000))
-    packet = create_packet(
-        service.ident.signing_key,
-        swarm=manifest.swarm_id,
-        topic=draft.topic,
-        sketch=quantize(np.asarray(draft.centroid, dtype=np.float64)),
-        outcome=draft.outcome,
-        n=draft.n,
-        ttl_s=ttl_s,
-        kind=KIND_SYNTHESIS,
-        generation=draft.generation,
-        parents=draft.parents,
-        series=draft.series,
-        max_bytes=manifest.packet_max_bytes,
-    )
+    centroid = np.asarray(draft.centroid, dtype=np.float64)
+    shapes: list[tuple[tuple[bytes, ...], int | None]] = [(draft.parents, None)]
+    if not draft.parents_digest and len(draft.parents) > 1:
+        digest, _ = bounded_parents(draft.parents, 1)
+        shapes.append((digest, None))
+    shapes.append((shapes[-1][0], 4))
+    for i, (parents, bits) in enumerate(shapes):
+        try:
+            packet = create_packet(
+                service.ident.signing_key,
+                swarm=manifest.swarm_id,
+                topic=draft.topic,
+                sketch=quantize(centroid, bits),
+                outcome=draft.outcome,
+                n=draft.n,
+                ttl_s=ttl_s,
+                kind=KIND_SYNTHESIS,
+                generation=draft.generation,
+                parents=parents,
+                series=draft.series,
+                max_bytes=manifest.packet_max_bytes,
+            )
+        except PacketError as exc:
+            if exc.reason != "too_large" or i == len(shapes) - 1:
+                raise
+            continue
+        break
     await service.node.put_packet(packet)
     service.synthesised += 1
 
