@@ -184,6 +184,30 @@ def _peers(value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
+def parse_range(entry: str) -> tuple[str, tuple[float, float]]:
+    """``"los_days=0:365"`` as ``("los_days", (0.0, 365.0))``; ValueError saying what
+    is wrong otherwise."""
+    name, sep, bounds = entry.partition("=")
+    lo_text, colon, hi_text = bounds.partition(":")
+    if not sep or not colon or not name.strip():
+        raise ValueError(f"{entry!r} is not 'field=lo:hi'")
+    try:
+        lo, hi = float(lo_text), float(hi_text)
+    except ValueError:
+        raise ValueError(f"{entry!r}: lo and hi must be numbers") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise ValueError(f"{entry!r}: lo and hi must be finite, lo <= hi")
+    return name.strip(), (lo, hi)
+
+
+def _ranges(value: tuple[str, ...]) -> tuple[str, ...]:
+    names = [parse_range(entry)[0] for entry in value]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"field {twice[0]!r} given twice")
+    return value
+
+
 def _choice(*options: str) -> Rule:
     def check(value: str) -> str:
         if value.lower() not in options:
@@ -239,6 +263,7 @@ RULES: dict[str, Rule] = {
     "synthesis.interval": _SECONDS,
     "synthesis.min_new": _ints(1),
     "synthesis.epsilon": _where("a number >= 0 (0 = no noise)", lambda v: v >= 0),
+    "synthesis.ranges": Rule("a list of 'field=lo:hi' (numbers, lo <= hi)", _ranges),
     "synthesis.channel_size": _ints(1),
     "control.socket_mode": Rule("an octal mode string such as '0660'", _mode),
     "control.max_request_bytes": _ints(1),

@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from qisd.config_rules import ConfigError, Invalid, accept, cross_problems, parse_hostport
+from qisd.config_rules import (
+    ConfigError,
+    Invalid,
+    accept,
+    cross_problems,
+    parse_hostport,
+    parse_range,
+)
 
 __all__ = [
     "KEYS",
@@ -136,7 +143,13 @@ class SynthesisConfig(Section):
     interval: float = 2.0
     min_new: int = 1
     epsilon: float = 0.0
+    #: Bounds of numeric outcome fields for the noise on means: "field=lo:hi" each.
+    ranges: tuple[str, ...] = ()
     channel_size: int = 4096
+
+    def range_map(self) -> dict[str, tuple[float, float]]:
+        """``ranges`` as field -> (lo, hi) (checked when the config was loaded)."""
+        return dict(parse_range(entry) for entry in self.ranges)
 
 
 @dataclass(frozen=True)

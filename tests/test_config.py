@@ -509,3 +509,29 @@ def test_forced_formats_and_reconfiguration() -> None:
         configure_logging("loud")
     with pytest.raises(ValueError, match="log format"):
         configure_logging("info", "xml")
+
+
+def test_synthesis_ranges_reach_the_synthesizer(tmp_path: Path) -> None:
+    """[synthesis] ranges scale the noise on means; they come from the file or the
+    environment and each bad entry is named."""
+    from qisd.manifest import DEFAULT_MANIFEST
+    from qisd.synthesis import CohortSynthesizer, SynthesizerSettings
+
+    path = write(tmp_path, '[synthesis]\nepsilon = 1.0\n'
+                           'ranges = ["los_days=0:365", "age = -1:120.5"]\n')
+    config = load_config(path, env={})
+    assert config.synthesis.range_map() == {"los_days": (0.0, 365.0), "age": (-1.0, 120.5)}
+    settings = SynthesizerSettings.from_config(config.synthesis, DEFAULT_MANIFEST, salt=b"s")
+    assert settings.options == {"ranges": config.synthesis.range_map()}
+    assert CohortSynthesizer(settings).ranges == {"los_days": (0.0, 365.0), "age": (-1.0, 120.5)}
+    env = load_config(env={"QISD_SYNTHESIS_RANGES": "a=0:1, b=2:3"})
+    assert env.synthesis.range_map() == {"a": (0.0, 1.0), "b": (2.0, 3.0)}
+    plain = SynthesizerSettings.from_config(load_config(env={}).synthesis, DEFAULT_MANIFEST,
+                                            salt=b"s")
+    assert plain.options == {}  # none given: a plug-in without the option still loads
+    for entry, detail in (("los", "is not 'field=lo:hi'"), ("x=1:a", "must be numbers"),
+                          ("x=5:1", "lo <= hi"), ("x=0:inf", "finite")):
+        with pytest.raises(ConfigError, match=f"synthesis.ranges: .*{re.escape(detail)}"):
+            load_config(env={"QISD_SYNTHESIS_RANGES": entry})
+    with pytest.raises(ConfigError, match="'x' given twice"):
+        load_config(env={"QISD_SYNTHESIS_RANGES": "x=0:1,x=0:2"})

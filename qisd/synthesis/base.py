@@ -90,7 +90,8 @@ class SynthesizerSettings:
             max_generation=manifest.max_generation,
             max_parents=manifest.max_parents,
             salt=salt,
-            options=dict(options or {}),
+            options={**({"ranges": synthesis.range_map()} if synthesis.ranges else {}),
+                     **(options or {})},
         )
 
 

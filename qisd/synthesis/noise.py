@@ -9,8 +9,9 @@ With ``epsilon > 0`` every released statistic gets Laplace noise before encoding
   where ``range = hi - lo`` bounds how far one case can move them. The mean is then
   clamped to [lo, hi] and the sd to [0, range/2].
 
-**The range assumption.** Give each numeric field its true bounds in the synthesizer
-options (``ranges = {field = [lo, hi]}``) for the guarantee to hold. Without them the
+**The range assumption.** Give each numeric field its true bounds (``[synthesis]
+ranges = ["field=lo:hi", ...]`` in the daemon's config, the ``ranges`` option of the
+cohort synthesizer) for the guarantee to hold. Without them the
 cohort's observed minimum and maximum are used, which are themselves data: a cohort
 whose cases all share one value publishes that value unchanged.
 
