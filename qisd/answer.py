@@ -16,7 +16,9 @@ No case is counted twice:
   shares a parent with one already taken is left out (``support.overlapping``).
 * An observation claimed by a synthesis that was taken is left out
   (``support.covered``): its case is inside the synthesis, weighed there by the
-  synthesis's similarity.
+  synthesis's similarity. Only the fields the synthesis carries, though: one has
+  room for 16 entries, so fields it had to leave out still count from the
+  observations it covers (listed or presumed).
 * A synthesis of more packets than it can list names its parents by one digest,
   which no subset can be checked against; two syntheses with the same digest (two
   nodes' syntheses of the very same packets, as after a join moves them to another
@@ -38,7 +40,7 @@ origins they saw, not which.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +112,7 @@ def answer_query(matches: Sequence[tuple[float, OutcomePacket]], *, k: int) -> d
             latest[key] = syn
     superseded = sum(1 for sim, p in top if p.kind == KIND_SYNTHESIS) - undecodable - len(latest)
 
-    claimed: set[bytes] = set()
+    claimed: dict[bytes, _Synthesis] = {}  # observation id -> the synthesis listing it
     digests: set[tuple[str, bytes]] = set()
     syntheses: list[_Synthesis] = []
     overlapping = 0
@@ -118,10 +120,10 @@ def answer_query(matches: Sequence[tuple[float, OutcomePacket]], *, k: int) -> d
                       key=lambda s: (-s.packet.n, -s.packet.created_ms, s.packet.id)):
         if syn.explicit:
             parents = set(syn.packet.parents)
-            if parents & claimed:
+            if parents & claimed.keys():
                 overlapping += 1
                 continue
-            claimed |= parents
+            claimed.update(dict.fromkeys(parents, syn))
         elif syn.packet.parents:
             # One digest, one member set: another node's synthesis of the very same
             # packets (it became their primary after a join) is the same cases.
@@ -141,11 +143,20 @@ def answer_query(matches: Sequence[tuple[float, OutcomePacket]], *, k: int) -> d
     covered = presumed_covered = 0
     used_observations = used_syntheses = 0
     for sim, packet in observations:
-        if packet.id in claimed:
-            covered += 1
-            continue
-        if packet.id in presumed:
-            presumed_covered += 1
+        cover = claimed.get(packet.id) or presumed.get(packet.id)
+        if cover is not None:
+            if packet.id in claimed:
+                covered += 1
+            else:
+                presumed_covered += 1
+            # Its case is in the synthesis; fields the synthesis had no room for
+            # (16 entries) are not, and count from here.
+            carried = cover.decoded.aggregate.fields
+            uncarried = {f: v for f, v in packet.outcome.items() if f not in carried}
+            if uncarried and sim > 0:
+                estimate.add_outcome(uncarried, sim * packet.n)
+                for name in uncarried:
+                    cases_of[name] = cases_of.get(name, 0.0) + packet.n
             continue
         weight = max(sim, 0.0) * packet.n
         if weight <= 0:
@@ -195,11 +206,11 @@ def answer_query(matches: Sequence[tuple[float, OutcomePacket]], *, k: int) -> d
 def _presumed_members(
     syntheses: Sequence[_Synthesis],
     observations: Sequence[tuple[float, OutcomePacket]],
-    claimed: set[bytes],
-) -> set[bytes]:
+    claimed: Mapping[bytes, _Synthesis],
+) -> dict[bytes, _Synthesis]:
     """The observations presumed inside the digested syntheses (module docstring),
     the largest synthesis choosing first."""
-    presumed: set[bytes] = set()
+    presumed: dict[bytes, _Synthesis] = {}
     for syn in syntheses:
         if syn.explicit:
             continue
@@ -212,7 +223,7 @@ def _presumed_members(
         for alike, pid in near[: syn.decoded.packets]:
             if alike < PRESUMED_SIMILARITY:
                 break
-            presumed.add(pid)
+            presumed[pid] = syn
     return presumed
 
 

@@ -110,6 +110,29 @@ def test_two_nodes_digested_syntheses_of_the_same_packets_count_once() -> None:
     assert support["cases"] == synthesis.n and support["presumed_covered"] == 6
 
 
+@pytest.mark.parametrize("max_parents", [16, 2], ids=["listed", "digest"])
+def test_fields_a_synthesis_has_no_room_for_still_count(max_parents: int) -> None:
+    """Ten numeric fields need 20 entries; a synthesis has 16 (7 fields fit): the
+    covered observations still answer for the other three, each case once."""
+    synth = CohortSynthesizer(SynthesizerSettings(min_cohort=5, max_parents=max_parents))
+    rng = np.random.default_rng(3)
+    members = [obs(near(direction(1), rng), {f"f{j}": float(i + j) for j in range(10)},
+                   created_ms=NOW_MS + i) for i in range(6)]
+    for p in members:
+        synth.consume(p)
+    (draft,) = synth.ready(NOW_MS + 10)
+    synthesis = sign_draft(draft)
+    carried = {k.split(".")[0] for k in synthesis.outcome if not k.startswith("_")}
+    assert len(carried) == 7
+    answer = answer_query([(0.9, synthesis)] + [(0.9, m) for m in members], k=10)
+    fields = answer["fields"]
+    assert sorted(fields) == [f"f{j}" for j in range(10)]
+    for j in range(10):
+        assert fields[f"f{j}"]["cases"] == 6
+        assert math.isclose(fields[f"f{j}"]["mean"], j + 2.5)
+    assert answer["support"]["cases"] == 6
+
+
 def test_presumed_members_are_alike_older_and_no_more_than_it_holds() -> None:
     members, synthesis = cohort_and_synthesis(count=6, max_parents=4)
     rng = np.random.default_rng(7)
