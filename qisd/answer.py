@@ -118,6 +118,8 @@ def answer_query(matches: Sequence[tuple[float, OutcomePacket]], *, k: int) -> d
     overlapping = 0
     for syn in sorted(latest.values(),
                       key=lambda s: (-s.packet.n, -s.packet.created_ms, s.packet.id)):
+        if syn.similarity <= 0:
+            continue  # weighs nothing: it covers nothing either (its members count alone)
         if syn.explicit:
             parents = set(syn.packet.parents)
             if parents & claimed.keys():

@@ -133,6 +133,16 @@ def test_fields_a_synthesis_has_no_room_for_still_count(max_parents: int) -> Non
     assert answer["support"]["cases"] == 6
 
 
+def test_a_synthesis_that_weighs_nothing_covers_nothing() -> None:
+    """Found with similarity <= 0 (a query opposite its centroid), it adds no cases,
+    so the members found beside it must count on their own, not vanish with it."""
+    members, synthesis = cohort_and_synthesis()
+    answer = answer_query([(-0.2, synthesis)] + [(0.3, m) for m in members], k=10)
+    support = answer["support"]
+    assert support["covered"] == 0 and support["syntheses"] == 0
+    assert support["cases"] == sum(m.n for m in members)
+
+
 def test_presumed_members_are_alike_older_and_no_more_than_it_holds() -> None:
     members, synthesis = cohort_and_synthesis(count=6, max_parents=4)
     rng = np.random.default_rng(7)
