@@ -46,6 +46,7 @@ from typing import Any
 
 from qisd.packet import KIND_SYNTHESIS, OutcomePacket
 from qisd.sketch import cosine
+from qisd.synthesis.base import bounded_parents
 from qisd.synthesis.encoding import Decoded, EncodingError, decode_outcome
 from qisd.synthesis.stats import NUMERIC, FieldStat, OutcomeAggregate
 
@@ -120,19 +121,20 @@ def answer_query(matches: Sequence[tuple[float, OutcomePacket]], *, k: int) -> d
                       key=lambda s: (-s.packet.n, -s.packet.created_ms, s.packet.id)):
         if syn.similarity <= 0:
             continue  # weighs nothing: it covers nothing either (its members count alone)
+        # One digest, one member set: another node's synthesis of the very same
+        # packets (it became their primary after a join), listed or digested (a
+        # draft too large for the cap is published digested), is the same cases.
+        digest = _digest_of(syn)
+        if digest is not None and digest in digests:
+            overlapping += 1
+            continue
         if syn.explicit:
             parents = set(syn.packet.parents)
             if parents & claimed.keys():
                 overlapping += 1
                 continue
             claimed.update(dict.fromkeys(parents, syn))
-        elif syn.packet.parents:
-            # One digest, one member set: another node's synthesis of the very same
-            # packets (it became their primary after a join) is the same cases.
-            digest = (syn.packet.topic, syn.packet.parents[0])
-            if digest in digests:
-                overlapping += 1
-                continue
+        if digest is not None:
             digests.add(digest)
         syntheses.append(syn)
 
@@ -203,6 +205,17 @@ def answer_query(matches: Sequence[tuple[float, OutcomePacket]], *, k: int) -> d
             "undecodable": undecodable,
         },
     }
+
+
+def _digest_of(syn: _Synthesis) -> tuple[str, bytes] | None:
+    """The (topic, digest) naming ``syn``'s member set, listed or digested; None
+    when it names none (no parents, or a single listed one)."""
+    parents = syn.packet.parents
+    if syn.explicit:
+        if len(parents) < 2:
+            return None
+        parents = bounded_parents(parents, 1)[0]
+    return (syn.packet.topic, parents[0]) if parents else None
 
 
 def _presumed_members(

@@ -195,8 +195,9 @@ def parse_range(entry: str) -> tuple[str, tuple[float, float]]:
         lo, hi = float(lo_text), float(hi_text)
     except ValueError:
         raise ValueError(f"{entry!r}: lo and hi must be numbers") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-        raise ValueError(f"{entry!r}: lo and hi must be finite, lo <= hi")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi
+            and math.isfinite(hi - lo)):
+        raise ValueError(f"{entry!r}: lo and hi must be finite, lo <= hi (and hi - lo too)")
     return name.strip(), (lo, hi)
 
 

@@ -207,8 +207,8 @@ class Manifest:
             # As the node's users can name it (qisd.manifest.check_local_topic): a
             # shape for a topic no emit or query can reach would never apply.
             if _local_name(f"topics[{topic!r}]", topic) != topic:
-                raise _fail(f"topics[{topic!r}]", "must be written in Unicode NFC, as "
-                            f"{unicodedata.normalize('NFC', topic)!r}")
+                raise _fail(f"topics[{topic!a}]", "must be written in Unicode NFC, as "
+                            f"{unicodedata.normalize('NFC', topic)!a}")
             if not isinstance(params, TopicParams):
                 raise _fail(f"topics.{topic}", f"must be TopicParams, got {type(params).__name__}")
 

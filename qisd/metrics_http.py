@@ -26,6 +26,9 @@ MAX_REQUEST_HEAD = 8192
 MAX_CONNECTIONS = 64
 #: Seconds a connection may take, from accept to the last byte of the reply.
 CONNECTION_S = 10.0
+#: What is read and dropped after the reply, at most, before closing (see _linger).
+LINGER_BYTES = 65536
+LINGER_S = 1.0
 #: Seconds between two warnings about refused connections.
 _WARN_EVERY_S = 60.0
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -67,6 +70,7 @@ async def serve_metrics(
             async with stream:
                 with trio.move_on_after(CONNECTION_S):
                     await _answer(stream, registry, collector)
+                    await _linger(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the scraper went away (a reset: port scanners, health checks)
         except Exception:
@@ -111,6 +115,17 @@ async def _answer(
         return
     await _reply(stream, 200, body if line[0] == "GET" else b"",
                  content_type="text/plain; version=0.0.4; charset=utf-8", length=len(body))
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """End our side, then read (and drop) what the client still sends, a little for a
+    moment: closing with its request unread would reset the connection, and a reset
+    can destroy the reply before the client reads it (a refused POST's body)."""
+    await stream.send_eof()
+    left = LINGER_BYTES
+    with trio.move_on_after(LINGER_S):
+        while left > 0 and (chunk := await stream.receive_some(min(left, 4096))):
+            left -= len(chunk)
 
 
 async def _reply(stream: trio.SocketStream, status: int, body: bytes, *,

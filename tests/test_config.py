@@ -530,7 +530,8 @@ def test_synthesis_ranges_reach_the_synthesizer(tmp_path: Path) -> None:
                                             salt=b"s")
     assert plain.options == {}  # none given: a plug-in without the option still loads
     for entry, detail in (("los", "is not 'field=lo:hi'"), ("x=1:a", "must be numbers"),
-                          ("x=5:1", "lo <= hi"), ("x=0:inf", "finite")):
+                          ("x=5:1", "lo <= hi"), ("x=0:inf", "finite"),
+                          ("x=-1e308:1e308", "hi - lo too")):
         with pytest.raises(ConfigError, match=f"synthesis.ranges: .*{re.escape(detail)}"):
             load_config(env={"QISD_SYNTHESIS_RANGES": entry})
     with pytest.raises(ConfigError, match="'x' given twice"):

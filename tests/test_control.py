@@ -44,7 +44,7 @@ from qisd.control.errors import (
     DaemonNotRunning,
 )
 from qisd.control.framing import LineSplitter, Overflow
-from qisd.control.peer import PeerCredentials, peer_allowed
+from qisd.control.peer import PeerCredentials, peer_allowed, read_peer_groups
 from qisd.control.protocol import Rejection, Request, parse_request
 from qisd.control.server import serve_control
 from qisd.control.stats import ControlStats
@@ -967,6 +967,32 @@ def test_a_member_by_the_kernels_record_is_let_in() -> None:
         )
         assert json.loads(out.stdout)["ok"] is True
         assert stats.statistics().connections_forbidden == 0
+
+
+def test_the_kernels_record_of_many_groups_is_read_whole() -> None:
+    """More than 256 groups (Python's own getsockopt stops at 1024 bytes): a user of
+    a directory service in many groups is still seen as a member."""
+    many = [*range(50_000, 50_300), os.getegid()]
+    with short_dir() as tmp:
+        path = tmp / "g.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(os.fspath(path))
+        os.chmod(path, 0o666)
+        os.chmod(tmp, 0o755)
+        listener.listen(1)
+        probe = ("import socket,sys,time; s=socket.socket(socket.AF_UNIX);"
+                 " s.connect(sys.argv[1]); time.sleep(5)")
+        proc = subprocess.Popen(["/usr/bin/python3", "-I", "-S", "-c", probe, os.fspath(path)],
+                                user=65534, group=65534, extra_groups=many, cwd="/")
+        try:
+            listener.settimeout(TIMEOUT)
+            conn, _ = listener.accept()
+            with conn:
+                assert sorted(read_peer_groups(conn)) == sorted(many)
+        finally:
+            proc.kill()
+            proc.wait()
+            listener.close()
 
 
 def test_documented_one_liner_works() -> None:

@@ -14,7 +14,9 @@ is mapped into its namespace, so a member's connection carries it.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import grp
 import os
 import pwd
@@ -29,7 +31,7 @@ __all__ = ["PeerCredentials", "describe_policy", "groups_of_uid", "needs_group_l
 _UCRED = struct.Struct("=iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 #: Linux's SO_PEERGROUPS (since 4.13; Python's socket module does not name it).
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-#: Bytes asked for first (256 groups); more if the kernel says they do not fit.
+#: Bytes asked for first (256 groups); the kernel says how many more it needs.
 _GROUPS_BUF = 1024
 _MAX_GROUPS_BUF = 65536 * 4  # NGROUPS_MAX gid_t values
 
@@ -51,18 +53,36 @@ def read_peer_credentials(sock: socket.socket) -> PeerCredentials:
 
 def read_peer_groups(sock: socket.socket) -> list[int]:
     """The supplementary groups the kernel recorded for the peer at connect time;
-    empty where it cannot say (not Linux, an old kernel)."""
-    size = _GROUPS_BUF
-    while size <= _MAX_GROUPS_BUF:
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
-        except OSError as exc:
-            if exc.errno == errno.ERANGE:
-                size *= 4
-                continue
+    empty where it cannot say (not Linux, an old kernel).
+
+    Through libc's ``getsockopt``: Python's caps its buffer at 1024 bytes (256
+    groups), and users of directory services are often in more; on ERANGE the
+    kernel says the size it needs, and that is asked for once.
+    """
+    libc = _libc()
+    if libc is None:
+        return []
+    size = ctypes.c_uint32(_GROUPS_BUF)
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size.value)
+        length = ctypes.c_uint32(size.value)
+        if libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, _SO_PEERGROUPS, buf,
+                           ctypes.byref(length)) == 0:
+            raw = buf.raw[: length.value]
+            return list(struct.unpack(f"={len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+        if ctypes.get_errno() != errno.ERANGE or not size.value < length.value <= (
+                _MAX_GROUPS_BUF):
             return []
-        return list(struct.unpack(f"={len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+        size = length
     return []
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # no C library to load (not a usual Linux): the database decides
+        return None
 
 
 def needs_group_lookup(cred: PeerCredentials, *, daemon_uid: int, daemon_gid: int) -> bool:

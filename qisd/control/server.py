@@ -196,7 +196,7 @@ class _Server:
         groups: list[int] = []
         if peer.needs_group_lookup(cred, daemon_uid=self.uid, daemon_gid=self.gid):
             groups = peer.read_peer_groups(conn.stream.socket)  # type: ignore[arg-type]
-            if self.gid not in groups:  # the kernel could not say: the user database
+            if self.gid not in groups:  # not in the kernel's record (or none): the database
                 groups = await trio.to_thread.run_sync(peer.groups_of_uid, cred.uid)
         if peer.peer_allowed(cred, daemon_uid=self.uid, daemon_gid=self.gid,
                              peer_groups=groups):

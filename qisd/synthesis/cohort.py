@@ -238,9 +238,12 @@ class CohortSynthesizer:
         if prev.listed:
             return len(set(cohort.members) - set(prev.parents))
         # Digested: only "the same members or not" can be told.
-        # (With max_parents 0 both sides are empty: the count alone tells.)
-        same = (len(cohort.members) == prev.packets and bounded_parents(
-            cohort.members, self.settings.max_parents)[0] == prev.parents)
+        # (With max_parents 0 both sides are empty: the count alone tells. A draft
+        # too large for the packet cap was published with its parents digested
+        # even when fewer: qisd.daemon.synth.publish_draft.)
+        same = (len(cohort.members) == prev.packets and prev.parents in (
+            bounded_parents(cohort.members, self.settings.max_parents)[0],
+            bounded_parents(cohort.members, 1)[0]))
         return 0 if same else max(1, len(cohort.members) - prev.packets)
 
     # -- consuming ---------------------------------------------------------------
@@ -462,10 +465,11 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
         ok = (isinstance(pair, list | tuple) and len(pair) == 2
               and all(isinstance(x, int | float) and not isinstance(x, bool)
                       and math.isfinite(x) for x in pair)
-              and pair[0] <= pair[1])
+              and pair[0] <= pair[1] and math.isfinite(pair[1] - pair[0]))
         if not ok:
             raise SynthesizerError(
                 f"cohort synthesizer option ranges.{name}: must be [lo, hi] with lo <= hi"
+                " (finite, and hi - lo too)"
             )
         ranges[str(name)] = (float(pair[0]), float(pair[1]))
     opts["ranges"] = ranges

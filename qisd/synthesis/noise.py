@@ -26,16 +26,22 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from collections.abc import Mapping
 
 from qisd.synthesis.stats import CategoricalStat, FieldStat, NumericStat, OutcomeAggregate
 
 
 def laplace(rng: random.Random, scale: float) -> float:
-    """One draw from Laplace(0, scale): the difference of two exponentials."""
+    """One draw from Laplace(0, scale): the difference of two exponentials. A scale
+    too large for a float (an enormous range over a tiny epsilon) is capped at the
+    largest finite one; callers clamp the result to the field's range."""
     if scale <= 0:
         return 0.0
-    return rng.expovariate(1.0 / scale) - rng.expovariate(1.0 / scale)
+    rate = 1.0 / min(scale, sys.float_info.max)
+    if rate == 0.0:  # 1/max underflows to 0.0 on some platforms: as wide as it gets
+        rate = sys.float_info.min
+    return rng.expovariate(rate) - rng.expovariate(rate)
 
 
 def noisy_count(value: float, epsilon: float, rng: random.Random, *, minimum: int = 0) -> int:
@@ -77,8 +83,9 @@ def _noisy_numbers(
     scale = span / (num.weight * epsilon)
     mean = min(hi, max(lo, num.mean + laplace(rng, scale)))
     sd = min(span / 2, max(0.0, num.sd + laplace(rng, scale)))
-    if not (math.isfinite(mean) and math.isfinite(sd)):
-        mean, sd = num.mean, 0.0
+    if not (math.isfinite(mean) and math.isfinite(sd)):  # bounds too wide for floats:
+        middle = lo / 2 + hi / 2  # noise that wide says nothing, and neither may this
+        mean, sd = (middle if math.isfinite(middle) else 0.0), 0.0
     return NumericStat(weight, mean, sd * sd * weight, lo, hi)
 
 

@@ -13,6 +13,7 @@ from qisd.answer import CLOCK_SKEW_MS, answer_query, match_summary
 from qisd.packet import KIND_SYNTHESIS, OutcomePacket, create_packet
 from qisd.sketch import cosine, make_sketch
 from qisd.synthesis import CohortSynthesizer, SynthesizerSettings
+from qisd.synthesis.base import bounded_parents
 
 
 def test_hand_made_observations() -> None:
@@ -141,6 +142,23 @@ def test_a_synthesis_that_weighs_nothing_covers_nothing() -> None:
     support = answer["support"]
     assert support["covered"] == 0 and support["syntheses"] == 0
     assert support["cases"] == sum(m.n for m in members)
+
+
+@pytest.mark.parametrize("first", ["listed", "digested"])
+def test_a_listed_and_a_digested_synthesis_of_the_same_packets_count_once(first: str) -> None:
+    """One node's draft published with its parents listed, another's of the same
+    packets digested (too large for the cap beside its sketch): one set of cases."""
+    members, listed = cohort_and_synthesis()
+    digested = create_packet(
+        KEYS[6], swarm=SWARM, topic="t", sketch=listed.sketch, n=listed.n, ttl_s=60,
+        kind=KIND_SYNTHESIS, outcome=listed.outcome, series=b"\x02" * 16,
+        parents=bounded_parents(listed.parents, 1)[0],
+        created_ms=listed.created_ms + (1000 if first == "digested" else -1000),
+    )
+    found = [(0.9, listed), (0.9, digested)] + [(0.9, m) for m in members]
+    support = answer_query(found, k=10)["support"]
+    assert support["syntheses"] == 1 and support["overlapping"] == 1
+    assert support["cases"] == listed.n
 
 
 def test_presumed_members_are_alike_older_and_no_more_than_it_holds() -> None:

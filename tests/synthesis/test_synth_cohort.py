@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -212,6 +213,21 @@ def test_epsilon_zero_is_exact_and_noise_stays_plausible() -> None:
         assert d.series == exact.series and d.parents == exact.parents
 
 
+def test_an_enormous_range_does_not_stop_synthesis() -> None:
+    """A range so wide that its noise scale is past a float (over a small epsilon):
+    the noise is as wide as it gets (the field may then be left out, its noised
+    spread past a float) and the cohort is still synthesised; it raised
+    ZeroDivisionError at every pass, for every cohort."""
+    synth = CohortSynthesizer(
+        settings(epsilon=0.001, options={"ranges": {"los": [-8e307, 8e307]}}),
+        rng=random.Random(1),
+    )
+    feed_cluster(synth, 1, 6)
+    (draft,) = synth.ready(NOW_MS)
+    assert draft.n >= 1 and "survived?true" in draft.outcome
+    assert all(math.isfinite(v) for v in draft.outcome.values() if isinstance(v, float))
+
+
 def test_bad_options_are_named() -> None:
     with pytest.raises(SynthesizerError, match="'colour'"):
         CohortSynthesizer(settings(options={"colour": 1}))
@@ -364,6 +380,23 @@ def test_a_resumed_cohort_whose_members_all_came_back_is_not_synthesised_again(
     units = np.array([p.sketch.to_array() for p in cases])
     mean = units.sum(axis=0) / np.linalg.norm(units.sum(axis=0))
     assert np.allclose(cohort.centroid, mean)
+
+
+def test_a_resumed_cohort_published_with_shrunk_parents_is_not_drafted_again() -> None:
+    """Its draft was too large for the cap and went out with its parents digested
+    (qisd.daemon.synth.publish_draft): the same members are still nothing new."""
+    cases = cluster(1, 6)
+    before = CohortSynthesizer(settings())
+    for p in cases:
+        before.consume(p)
+    (draft,) = before.ready(NOW_MS)
+    shrunk = dataclasses.replace(draft, parents=bounded_parents(draft.parents, 1)[0],
+                                 parents_digest=True)
+    after = CohortSynthesizer(settings())
+    assert after.resume([sign_draft(shrunk)]) == 1
+    for p in reversed(cases):
+        after.consume(p)
+    assert after.ready(NOW_MS + 1) == [] and after.ready(NOW_MS + 10_000) == []
 
 
 def test_resume_takes_the_newest_syntheses_within_the_cohort_caps() -> None:
