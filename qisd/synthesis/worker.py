@@ -262,16 +262,19 @@ async def _pass(
             if state.rescan:
                 state.rescan_failures += 1
                 if state.rescan_failures < RESCAN_TRIES:
-                    # Resumed cohorts wait for their members from this re-read:
-                    # forgetting or drafting now would end the resume and synthesise
-                    # them anew (a second series beside the old one, or a smaller one
-                    # replacing it). A few passes, not for ever: a store that cannot
-                    # be read must not stop synthesis of what is delivered.
+                    # The start's re-read is still to come: resumed cohorts wait for
+                    # their members from it (forgetting or drafting now would end the
+                    # resume and synthesise them anew: a second series beside the old
+                    # one, or a smaller one replacing it), and cohorts under the
+                    # minimum for their stored cases. A few passes, not for ever: a
+                    # store that cannot be read must not stop synthesis of what is
+                    # delivered.
                     return
                 state.rescan = False
-                log.warning("synthesis gave up re-reading the store for its resumed"
-                            " cohorts; those whose members do not come back by delivery"
-                            " may be synthesised again", tries=state.rescan_failures)
+                log.warning("synthesis gave up re-reading the store at start: resumed"
+                            " cohorts whose members do not come back by delivery may be"
+                            " synthesised again, and stored cases in no synthesis yet"
+                            " are not counted", tries=state.rescan_failures)
     now = now_ms()
     try:
         forget = getattr(synthesizer, "forget", None)
