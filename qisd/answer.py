@@ -259,11 +259,16 @@ def _field_answer(stat: FieldStat, cases: float) -> dict[str, Any]:
         }
     view = stat.categories()
     total = view.total
+    has_bool = any(isinstance(v, bool) for v in stat.labels.counts)
     probabilities: dict[str, float] = {}
     for value, weight in view.ranked():
-        label = ("true" if value else "false") if isinstance(value, bool) else value
+        if isinstance(value, bool):
+            label = "true" if value else "false"
+        elif has_bool and value in ("true", "false"):
+            label = f'"{value}"'  # the text beside the bool, told apart as the CLI does
+        else:
+            label = value
         probabilities[label] = probabilities.get(label, 0.0) + weight / total
-    has_bool = any(isinstance(v, bool) for v in stat.labels.counts)
     has_str = any(isinstance(v, str) for v in stat.labels.counts)
     has_numbers = stat.numbers.weight > 0
     if has_bool and not has_str and not has_numbers:

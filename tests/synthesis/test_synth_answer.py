@@ -161,6 +161,15 @@ def test_a_listed_and_a_digested_synthesis_of_the_same_packets_count_once(first:
     assert support["cases"] == listed.n
 
 
+def test_a_bool_and_the_same_word_as_text_stay_two_categories() -> None:
+    rng = np.random.default_rng(4)
+    found = [(0.9, obs(near(direction(1), rng), {"s": value}))
+             for value in (True, True, "true", False)]
+    field = answer_query(found, k=10)["fields"]["s"]
+    assert field["value_type"] == "mixed"
+    assert field["probabilities"] == pytest.approx({"true": 0.5, '"true"': 0.25, "false": 0.25})
+
+
 def test_presumed_members_are_alike_older_and_no_more_than_it_holds() -> None:
     members, synthesis = cohort_and_synthesis(count=6, max_parents=4)
     rng = np.random.default_rng(7)
