@@ -12,9 +12,11 @@ peer address holds at most ``per_peer`` keys and all peers ``max_total``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 from kademlia.node import Node
+
+from qisd.dht.ratelimit import source_key
 
 StockValue = str | bytes | int | float
 
@@ -81,7 +83,10 @@ class Listeners:
         self.per_peer = per_peer
         self.max_total = max_total
         self._by_key: dict[bytes, dict[tuple[str, int], tuple[Node, float]]] = {}
-        self._per_addr: dict[tuple[str, int], int] = {}
+        #: Registrations per source (qisd.dht.ratelimit.source_key: one IPv4 address,
+        #: one IPv6 /64, or address and port on loopback), so one host cannot take
+        #: the node-wide cap from many ports.
+        self._per_source: dict[Hashable, int] = {}
         self._total = 0
 
     def register(self, key: bytes, peer: Node, ttl: int, now: float) -> int:
@@ -92,12 +97,14 @@ class Listeners:
         if entries is not None and addr in entries:
             entries[addr] = (peer, now + granted)
             return granted
-        if self._per_addr.get(addr, 0) >= self.per_peer or self._total >= self.max_total:
+        source = source_key(addr)
+        if self._per_source.get(source, 0) >= self.per_peer or self._total >= self.max_total:
             self.expire(now)
-            if self._per_addr.get(addr, 0) >= self.per_peer or self._total >= self.max_total:
+            if (self._per_source.get(source, 0) >= self.per_peer
+                    or self._total >= self.max_total):
                 return 0
         self._by_key.setdefault(key, {})[addr] = (peer, now + granted)
-        self._per_addr[addr] = self._per_addr.get(addr, 0) + 1
+        self._per_source[source] = self._per_source.get(source, 0) + 1
         self._total += 1
         return granted
 
@@ -121,11 +128,12 @@ class Listeners:
 
     def _release(self, addr: tuple[str, int]) -> None:
         self._total -= 1
-        left = self._per_addr[addr] - 1
+        source = source_key(addr)
+        left = self._per_source[source] - 1
         if left:
-            self._per_addr[addr] = left
+            self._per_source[source] = left
         else:
-            del self._per_addr[addr]
+            del self._per_source[source]
 
     def __len__(self) -> int:
         return self._total

@@ -43,6 +43,21 @@ def test_listeners_caps_renewal_and_expiry() -> None:
     assert ls.register(b"k4", b, 10, 20.0) == 10
 
 
+def test_one_host_cannot_take_the_listen_cap_from_many_ports() -> None:
+    """The per-peer cap counts a source as the rate limits do: one IPv4 address or
+    IPv6 /64 whatever its ports (loopback: address and port, for local swarms)."""
+    ls = Listeners(ttl_max=100, per_peer=2, max_total=100)
+    ports = [Node(bytes([i]) * 20, "10.0.0.1", 1000 + i) for i in range(5)]
+    granted = [ls.register(b"k%d" % i, peer, 10, 0.0) for i, peer in enumerate(ports)]
+    assert granted == [10, 10, 0, 0, 0]
+    v6 = [Node(bytes([i]) * 20, f"2001:db8::{i}", 1) for i in range(1, 4)]  # one /64
+    assert [ls.register(b"v%d" % i, p, 10, 0.0) for i, p in enumerate(v6)] == [10, 10, 0]
+    local = [Node(bytes([i]) * 20, "127.0.0.1", 2000 + i) for i in range(4)]
+    assert all(ls.register(b"l%d" % i, p, 10, 0.0) == 10 for i, p in enumerate(local))
+    assert ls.expire(20.0) == 8
+    assert ls.register(b"k9", ports[4], 10, 20.0) == 10  # released with the expiry
+
+
 def test_address_memory_lapses_and_is_bounded() -> None:
     mem = AddressMemory(max_items=2, ttl=10)
     mem.add(("a", 1), 0.0)
