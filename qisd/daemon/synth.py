@@ -10,6 +10,7 @@ channel; when it is full the pump counts the miss and the worker re-reads the st
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,6 +42,13 @@ def is_primary(service: NodeService, packet: OutcomePacket) -> bool:
         return True
     target = int.from_bytes(key, "big")
     return bool(node.me.long_id ^ target < closest[0].long_id ^ target)
+
+
+def of_swarm(swarm: bytes, packets: Iterable[OutcomePacket]) -> Iterator[OutcomePacket]:
+    """The packets of ``swarm`` only: a state dir used in another swarm before (a
+    re-keyed manifest, a member removed) still holds that swarm's packets until they
+    expire, and they must not flow into this swarm's syntheses."""
+    return (p for p in packets if p.swarm == swarm)
 
 
 async def publish_draft(service: NodeService, draft: SynthesisDraft) -> None:
@@ -104,12 +112,14 @@ async def run_synthesis(
     state = WorkerState()
     service.worker_state = state
 
+    swarm = service.manifest.swarm_id
+
     def catch_up() -> Any:
-        return service.store.iter_packets(now_ms=wall_ms())
+        return of_swarm(swarm, service.store.iter_packets(now_ms=wall_ms()))
 
     def resume() -> list[OutcomePacket]:
         own = service.store.own_packets(wall_ms())
-        return [p for p, _ in own if p.kind == KIND_SYNTHESIS]
+        return [p for p, _ in own if p.kind == KIND_SYNTHESIS and p.swarm == swarm]
 
     async def settle() -> None:
         # Saved contacts checked again, and the first join through bootstrap peers.

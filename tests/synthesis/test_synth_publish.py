@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from synth_helpers import KEYS, direction
+from synth_helpers import KEYS, direction, obs
 
-from qisd.daemon.synth import publish_draft
+from qisd.daemon.synth import of_swarm, publish_draft
 from qisd.manifest import DEFAULT_MANIFEST, Manifest
-from qisd.packet import OutcomePacket, PacketError, decode_packet
+from qisd.packet import OutcomePacket, PacketError, create_packet, decode_packet
 from qisd.synthesis import SynthesisDraft
 from qisd.synthesis.base import bounded_parents
 
@@ -89,3 +89,16 @@ async def test_a_draft_too_large_even_so_is_refused_by_name() -> None:
     with pytest.raises(PacketError, match="cap is 512"):
         await publish_draft(service, draft(1000, 20, OUTCOME))  # type: ignore[arg-type]
     assert service.node.put == [] and service.synthesised == 0
+
+
+def test_the_stores_packets_of_another_swarm_are_not_synthesised() -> None:
+    """A state dir used under an old manifest keeps that swarm's packets until they
+    expire: the worker's re-read and resume skip them."""
+    ours = obs(direction(1), {"a": 1})
+    theirs = in_other_swarm(obs(direction(1), {"a": 2}))
+    assert list(of_swarm(DEFAULT_MANIFEST.swarm_id, [theirs, ours, theirs])) == [ours]
+
+
+def in_other_swarm(packet: OutcomePacket) -> OutcomePacket:
+    return create_packet(KEYS[1], swarm=b"\x09" * 32, topic=packet.topic, sketch=packet.sketch,
+                         outcome=packet.outcome, n=packet.n, ttl_s=packet.ttl_s)
