@@ -348,6 +348,10 @@ def _decode(data: bytes, max_bytes: int, verify: bool) -> OutcomePacket:
         raise PacketError("signature", "must be 64 bytes")
     if list(raw) != _WIRE_ORDER or data[-68:-64] != _SIG_ENTRY or data[0] != 0x8E:
         raise PacketError("packet", "not in canonical form (keys sorted, signature last)")
+    if _pack(_with_signature(_body_map(**fields), signature)) != data:
+        # The same content in another encoding (an int in more bytes than it needs, a
+        # float32, unsorted outcome keys) would be another packet id for it.
+        raise PacketError("packet", "not in canonical form (re-encoded, it differs)")
     # The signature covers the body map: the same bytes minus the "x" entry, with the
     # fixmap header for 13 entries instead of 14. Verifying the bytes as received (not a
     # re-encoding) means no one but the origin can produce another encoding of a packet.

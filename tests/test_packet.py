@@ -299,3 +299,21 @@ def test_unknown_keys_of_mixed_types_are_named_not_crashed() -> None:
         decode_packet(msgpack.packb(raw, use_bin_type=True))
     assert info.value.reason == "malformed"
     assert info.value.field in ("b'zz'", "zy")
+
+
+@pytest.mark.parametrize(("canonical", "other"), [
+    (b"\xa1n\x01", b"\xa1n\xcc\x01"),  # n = 1 as a uint8
+    (b"\xa1g\x00", b"\xa1g\xd0\x00"),  # generation 0 as an int8
+], ids=["n_uint8", "generation_int8"])
+def test_another_encoding_of_the_same_content_is_refused_even_signed(
+    canonical: bytes, other: bytes
+) -> None:
+    """Only the origin can sign it, but it would be a second id for one packet."""
+    p = create_packet(KEY, swarm=SWARM, topic="t", sketch=make_sketch([1.0, 0.0]),
+                      outcome={"a": 1}, n=1, ttl_s=60)
+    body = b"\x8d" + p.encoded[1:-68]
+    assert body.count(canonical) == 1
+    odd = body.replace(canonical, other)
+    data = b"\x8e" + odd[1:] + b"\xa1x\xc4\x40" + KEY.sign(odd).signature
+    with pytest.raises(PacketError, match="not in canonical form"):
+        decode_packet(data)
