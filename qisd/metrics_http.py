@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
+from qisd.control.connection import end_gently
 from qisd.metrics import QisdCollector, make_registry, scrape
 
 if TYPE_CHECKING:
@@ -26,7 +27,8 @@ MAX_REQUEST_HEAD = 8192
 MAX_CONNECTIONS = 64
 #: Seconds a connection may take, from accept to the last byte of the reply.
 CONNECTION_S = 10.0
-#: What is read and dropped after the reply, at most, before closing (see _linger).
+#: What is read and dropped after the reply, at most, before closing: a refused
+#: request's unread body would otherwise reset the connection under its reply.
 LINGER_BYTES = 65536
 LINGER_S = 1.0
 #: Seconds between two warnings about refused connections.
@@ -70,7 +72,7 @@ async def serve_metrics(
             async with stream:
                 with trio.move_on_after(CONNECTION_S):
                     await _answer(stream, registry, collector)
-                    await _linger(stream)
+                    await end_gently(stream, LINGER_S, LINGER_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the scraper went away (a reset: port scanners, health checks)
         except Exception:
@@ -115,17 +117,6 @@ async def _answer(
         return
     await _reply(stream, 200, body if line[0] == "GET" else b"",
                  content_type="text/plain; version=0.0.4; charset=utf-8", length=len(body))
-
-
-async def _linger(stream: trio.SocketStream) -> None:
-    """End our side, then read (and drop) what the client still sends, a little for a
-    moment: closing with its request unread would reset the connection, and a reset
-    can destroy the reply before the client reads it (a refused POST's body)."""
-    await stream.send_eof()
-    left = LINGER_BYTES
-    with trio.move_on_after(LINGER_S):
-        while left > 0 and (chunk := await stream.receive_some(min(left, 4096))):
-            left -= len(chunk)
 
 
 async def _reply(stream: trio.SocketStream, status: int, body: bytes, *,

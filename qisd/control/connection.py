@@ -10,6 +10,27 @@ from qisd.control.framing import LineSplitter, Overflow
 READ_CHUNK = 64 * 1024
 
 
+async def end_gently(
+    stream: trio.SocketStream, linger: float = 1.0, max_bytes: int | None = None
+) -> None:
+    """End our side, then read (and drop) what the peer still sends, for at most
+    ``linger`` seconds (and ``max_bytes``): closing with its request unread would
+    reset the connection, and the peer might never read the reply it was sent."""
+    left = max_bytes
+    with trio.move_on_after(linger):
+        try:
+            await stream.send_eof()
+            while left is None or left > 0:
+                chunk = await stream.receive_some(READ_CHUNK if left is None
+                                                  else min(left, READ_CHUNK))
+                if not chunk:
+                    return
+                if left is not None:
+                    left -= len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
 class Connection:
     """One client: the stream plus a lock so watch events and error replies written
     by two tasks never interleave within a line."""
@@ -32,16 +53,8 @@ class Connection:
         return False
 
     async def close_gently(self, linger: float = 1.0) -> None:
-        """End our side, then read (and drop) what the client still sends, for at
-        most ``linger`` seconds: closing with its request unread would reset the
-        connection, and the client might never read the reply it was sent."""
-        with trio.move_on_after(linger):
-            try:
-                await self.stream.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            while await self.receive():
-                pass
+        """See :func:`end_gently`."""
+        await end_gently(self.stream, linger)
 
     async def receive(self) -> bytes:
         """Some bytes, or b"" at end of stream (or if the peer reset it)."""

@@ -39,8 +39,6 @@ def laplace(rng: random.Random, scale: float) -> float:
     if scale <= 0:
         return 0.0
     rate = 1.0 / min(scale, sys.float_info.max)
-    if rate == 0.0:  # 1/max underflows to 0.0 on some platforms: as wide as it gets
-        rate = sys.float_info.min
     return rng.expovariate(rate) - rng.expovariate(rate)
 
 
